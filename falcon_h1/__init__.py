@@ -1,0 +1,1 @@
+"""Falcon-H1 parallel-hybrid language models on Megatron Core."""

@@ -1,0 +1,69 @@
+"""CPU (gloo) debug mode: the places where Megatron Core assumes CUDA, in one module.
+
+Users smoke-test recipes on a laptop and CI trains for real on CPU, so every Megatron code path
+the project uses must also run without a GPU. Each function here replaces one CUDA assumption
+and is a no-op when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import random as megatron_random
+
+
+def enable() -> None:
+    """Turn on the CPU debug mode (idempotent; does nothing when CUDA is available)."""
+    if torch.cuda.is_available():
+        return
+    # Megatron allocates communication and scratch buffers on torch.cuda.current_device(); with
+    # no CUDA device that call raises. A device string is accepted wherever those buffers are made.
+    torch.cuda.current_device = lambda: "cpu"
+
+
+class CPURNGStatesTracker(megatron_random.CudaRNGStatesTracker):
+    """Megatron's RNG-state tracker (separate streams for tensor-parallel regions, data-parallel
+    regions, experts) over the CPU generator instead of the CUDA one."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name=megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added; call model_parallel_manual_seed first")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def model_parallel_manual_seed(seed: int) -> None:
+    """Seed every RNG stream the way Megatron's model_parallel_cuda_manual_seed does: the same
+    default stream on all ranks of a model-parallel group, a per-TP-rank stream for
+    tensor-parallel regions. On CPU the streams live on the CPU generator."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        megatron_random.model_parallel_cuda_manual_seed(seed)
+        return
+    tracker = CPURNGStatesTracker()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tracker.add(megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(megatron_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(megatron_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -1,0 +1,188 @@
+"""How the mixer's fused projections are laid out on each tensor-parallel rank.
+
+The in-projection produces, per rank, the rows [q | k | v | z | x | B | C | dt]; the
+out-projection reads the columns [attention output | SSM output]. Each row block ("segment")
+is a slice of one canonical tensor: the Hugging Face q_proj / k_proj / v_proj weights and the
+z / x / B / C / dt blocks of mamba.in_proj. Checkpoints store the canonical tensors, so they
+do not depend on the tensor-parallel size.
+
+Splitting rules for TP size T:
+- Mamba heads (z, x, dt and their A_log / D / dt_bias / norm channels) are split evenly: T must
+  divide mamba_num_heads.
+- SSM groups (B, C): split when T divides the group count, otherwise each group is replicated on
+  the T / groups consecutive ranks whose heads read it.
+- Attention heads are split over gcd(heads, T) "attention shards". When T does not divide the head
+  count, each shard is replicated on T / shards ranks and those replicas split the head_dim of the
+  out-projection input between them, so the output GEMM stays exact and even.
+- KV heads follow the attention shards like SSM groups follow ranks: split or replicated.
+
+Replicated rows must stay identical: their gradients are summed over the replicas
+(see `falcon_h1.model.tensor_parallel`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [offset, offset + rows) of a canonical tensor with `canonical_rows` rows, held by
+    `replicas` consecutive ranks of which this rank is number `replica_index`."""
+
+    name: str
+    rows: int
+    canonical_rows: int
+    offset: int
+    replicas: int = 1
+    replica_index: int = 0
+
+    @property
+    def chunk(self) -> tuple[int, int]:
+        """(index, count) of this rank's rows as an even chunking of the canonical rows."""
+        return self.offset // self.rows, self.canonical_rows // self.rows
+
+
+@dataclass(frozen=True)
+class MixerLayout:
+    tp_size: int
+    tp_rank: int
+    head_dim: int
+    attention_heads: int  # query heads computed on this rank
+    kv_heads: int  # key/value heads on this rank
+    attention_replicas: int  # ranks computing the same query heads
+    attention_replica_index: int
+    mamba_heads: int
+    mamba_head_dim: int
+    ssm_groups: int  # SSM groups on this rank (1 when replicated)
+    state_dim: int
+    in_proj: tuple[Segment, ...]  # row blocks of the fused in-projection, in order
+    conv: tuple[Segment, ...]  # channel blocks of the conv1d: x, B, C
+    mamba_head_offset: int  # first local Mamba head, in canonical head numbering
+    ssm_group_replicas: int  # ranks sharing this rank's SSM group (> 1: group statistics span ranks)
+
+    @property
+    def in_proj_rows(self) -> int:
+        return sum(s.rows for s in self.in_proj)
+
+    @property
+    def attention_out_cols(self) -> int:
+        """Attention columns of the out-projection input on this rank."""
+        return self.attention_heads * self.head_dim // self.attention_replicas
+
+    @property
+    def attention_out_dims(self) -> slice:
+        """The part of each local head's output this rank feeds to the out-projection."""
+        width = self.head_dim // self.attention_replicas
+        return slice(self.attention_replica_index * width, (self.attention_replica_index + 1) * width)
+
+    @property
+    def d_ssm(self) -> int:
+        return self.mamba_heads * self.mamba_head_dim
+
+    @property
+    def out_proj_cols(self) -> int:
+        return self.attention_out_cols + self.d_ssm
+
+    def segment(self, name: str) -> Segment:
+        return next(s for s in self.in_proj if s.name == name)
+
+
+def _split_or_replicate(count: int, shards: int, shard: int) -> tuple[int, int, int, int]:
+    """(local count, local offset, replicas, replica index) of `count` items over `shards` shards."""
+    if count % shards == 0:
+        local = count // shards
+        return local, shard * local, 1, 0
+    replicas = shards // count
+    return 1, shard // replicas, replicas, shard % replicas
+
+
+def check_tensor_parallel(config, tp_size: int) -> None:
+    """Raise ValueError naming the problem and the fix if `tp_size` cannot shard this model."""
+    T = tp_size
+    heads, kv, hd = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    mh, groups = config.mamba_num_heads, config.mamba_num_groups
+    if mh and mh % T:
+        raise ValueError(
+            f"mamba_num_heads={mh} cannot be split over tensor_model_parallel_size={T}: each rank "
+            f"must hold whole Mamba heads. Use a TP size that divides {mh} ({_divisors(mh)})."
+        )
+    if mh and groups % T and T % groups:
+        raise ValueError(
+            f"mamba_num_groups={groups} and tensor_model_parallel_size={T}: one must divide the "
+            f"other so that SSM groups are either split or replicated across ranks."
+        )
+    if heads:
+        shards = math.gcd(heads, T)
+        replicas = T // shards
+        if kv % shards and shards % kv:
+            raise ValueError(
+                f"num_query_groups={kv} (KV heads) cannot follow num_attention_heads={heads} over "
+                f"tensor_model_parallel_size={T}: the {shards} attention shards need a KV-head count "
+                f"they divide or that divides them. Use a TP size that divides {heads} "
+                f"({_divisors(heads)})."
+            )
+        if hd % replicas:
+            raise ValueError(
+                f"num_attention_heads={heads} over tensor_model_parallel_size={T} replicates each "
+                f"head on {replicas} ranks, which then split head_dim={hd}; {hd} is not divisible "
+                f"by {replicas}. Use a TP size that divides {heads} ({_divisors(heads)})."
+            )
+    if config.ffn_hidden_size % T:
+        raise ValueError(
+            f"ffn_hidden_size={config.ffn_hidden_size} is not divisible by "
+            f"tensor_model_parallel_size={T}; use a TP size that divides it."
+        )
+
+
+def mixer_layout(config, tp_size: int, tp_rank: int) -> MixerLayout:
+    """The fused-projection layout of `config` on rank `tp_rank` of `tp_size`."""
+    check_tensor_parallel(config, tp_size)
+    heads, kv, hd = config.num_attention_heads, config.num_query_groups, config.kv_channels
+    mh, mhd = config.mamba_num_heads, config.mamba_head_dim
+    groups, state = config.mamba_num_groups, config.mamba_state_dim
+
+    segments: list[Segment] = []
+    attn_heads = kv_local = 0
+    attn_replicas, attn_copy = 1, 0
+    if heads:
+        shards = math.gcd(heads, tp_size)
+        attn_replicas = tp_size // shards
+        shard, attn_copy = divmod(tp_rank, attn_replicas)
+        attn_heads = heads // shards
+        kv_local, kv_offset, kv_shard_replicas, kv_shard_index = _split_or_replicate(kv, shards, shard)
+        kv_replicas = kv_shard_replicas * attn_replicas
+        kv_index = kv_shard_index * attn_replicas + attn_copy
+        segments += [
+            Segment("q", attn_heads * hd, heads * hd, shard * attn_heads * hd, attn_replicas, attn_copy),
+            Segment("k", kv_local * hd, kv * hd, kv_offset * hd, kv_replicas, kv_index),
+            Segment("v", kv_local * hd, kv * hd, kv_offset * hd, kv_replicas, kv_index),
+        ]
+
+    conv: tuple[Segment, ...] = ()
+    m_local = m_offset = g_local = 0
+    g_replicas = 1
+    if mh:
+        m_local = mh // tp_size
+        m_offset = tp_rank * m_local
+        d_local, d_ssm = m_local * mhd, mh * mhd
+        g_local, g_offset, g_replicas, g_index = _split_or_replicate(groups, tp_size, tp_rank)
+        gn = g_local * state
+        B = Segment("B", gn, groups * state, g_offset * state, g_replicas, g_index)
+        C = Segment("C", gn, groups * state, g_offset * state, g_replicas, g_index)
+        x = Segment("x", d_local, d_ssm, m_offset * mhd)
+        segments += [Segment("z", d_local, d_ssm, m_offset * mhd), x, B, C,
+                     Segment("dt", m_local, mh, m_offset)]
+        conv = (x, B, C)
+
+    return MixerLayout(
+        tp_size=tp_size, tp_rank=tp_rank, head_dim=hd, attention_heads=attn_heads,
+        kv_heads=kv_local, attention_replicas=attn_replicas, attention_replica_index=attn_copy,
+        mamba_heads=m_local, mamba_head_dim=mhd, ssm_groups=g_local, state_dim=state,
+        in_proj=tuple(segments), conv=conv, mamba_head_offset=m_offset, ssm_group_replicas=g_replicas,
+    )

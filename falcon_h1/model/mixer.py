@@ -1,0 +1,354 @@
+"""HybridMixer: attention heads and Mamba-2 heads side by side on the same normalized input.
+
+    h --(one column-parallel GEMM)--> [q k v | z x B C dt]          (µP input multipliers)
+        attention: RoPE(q), RoPE(k * key_mult), GQA causal attention          -> a
+        Mamba-2:   conv1d+SiLU over [x B C] -> SSD scan (+ D x) -> gate by z -> s
+    [a * attention_out_mult | s * ssm_out_mult] --(one row-parallel GEMM)--> out
+
+One fused in-projection and one fused out-projection compute the same function as Hugging Face's
+separate q/k/v/o and mamba in/out projections, with half the GEMM launches and, under tensor and
+sequence parallelism, one all-gather in and one reduce-scatter out per layer. Which rows and
+columns each TP rank holds is defined in layout.py; docs/architecture.md draws it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import (
+    get_pg_rank,
+    get_pg_size,
+    make_sharded_tensor_for_checkpoint,
+    make_tp_sharded_tensor_for_checkpoint,
+)
+
+from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
+from falcon_h1.model.layout import Segment, mixer_layout
+from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
+from falcon_h1.model.utils import param_device
+
+
+@dataclass
+class HybridMixerSubmodules:
+    in_proj: ModuleSpec | type = None
+    core_attention: ModuleSpec | type = None
+    out_proj: ModuleSpec | type = None
+
+
+class HybridMixer(MegatronModule):
+    """The token mixer of a Falcon-H1 layer, used as TransformerLayer's `self_attention`."""
+
+    def __init__(self, config, submodules: HybridMixerSubmodules, layer_number: int,
+                 pg_collection: ProcessGroupCollection | None = None, cp_comm_type: str | None = None,
+                 pp_layer_offset: int | None = None, name: str | None = None):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
+        tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        self.layout = layout = mixer_layout(config, tp_size, tp_rank)
+        device, dtype = param_device(config), config.params_dtype
+
+        def parameter(tensor: torch.Tensor, tensor_parallel_rows: bool = True) -> torch.nn.Parameter:
+            param = torch.nn.Parameter(tensor.to(device=device, dtype=dtype))
+            if tensor_parallel_rows:
+                tensor_parallel.set_tensor_model_parallel_attributes(param, True, 0, 1)
+            return param
+
+        # One GEMM for both streams. Biases stay outside the GEMM: attention and SSM have separate
+        # bias flags, and µP multiplies the GEMM output before the bias is added.
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, layout.in_proj_rows * tp_size, config=config,
+            init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=True,
+            is_expert=False, tp_comm_buffer_name="mixer_in", tp_group=self.tp_group,
+        )
+        mark_replicated_rows(self.in_proj.weight, layout.in_proj)
+        attn_segments = [s for s in layout.in_proj if s.name in ("q", "k", "v")]
+        ssm_segments = [s for s in layout.in_proj if s.name not in ("q", "k", "v")]
+        self.qkv_bias = self.ssm_in_bias = None
+        if config.attention_bias and attn_segments:
+            self.qkv_bias = parameter(torch.zeros(sum(s.rows for s in attn_segments)))
+            mark_replicated_rows(self.qkv_bias, attn_segments)
+        if config.mamba_proj_bias and ssm_segments:
+            self.ssm_in_bias = parameter(torch.zeros(sum(s.rows for s in ssm_segments)))
+            mark_replicated_rows(self.ssm_in_bias, ssm_segments)
+        scale, bias_scale = self._input_multipliers(config, layout.in_proj)
+        self.register_buffer("in_proj_scale", scale.to(device), persistent=False)
+        self.register_buffer("in_proj_bias_scale", bias_scale.to(device), persistent=False)
+
+        if layout.attention_heads:
+            core_config = copy.copy(config)
+            # The core sees the heads this rank computes, whatever the split (layout.py).
+            core_config.num_attention_heads = layout.attention_heads * tp_size
+            core_config.num_query_groups = layout.kv_heads * tp_size
+            self.core_attention = build_module(
+                submodules.core_attention, config=core_config, layer_number=layer_number,
+                attn_mask_type=AttnMaskType.causal, attention_type="self",
+                softmax_scale=layout.head_dim ** -0.5, k_channels=layout.head_dim,
+                v_channels=layout.head_dim, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
+            )
+
+        if layout.mamba_heads:
+            heads = layout.mamba_heads
+            channels = sum(s.rows for s in layout.conv)
+            self.conv1d = torch.nn.Conv1d(
+                channels, channels, config.mamba_conv_kernel, groups=channels,
+                bias=config.mamba_conv_bias, padding=config.mamba_conv_kernel - 1,
+                device=device, dtype=dtype,
+            )
+            for param in self.conv1d.parameters():
+                tensor_parallel.set_tensor_model_parallel_attributes(param, True, 0, 1)
+                mark_replicated_rows(param, layout.conv)
+            A_log, dt_bias = self._mamba_init(config, layout)
+            self.A_log = parameter(A_log)
+            self.dt_bias = parameter(dt_bias)
+            self.D = parameter(torch.ones(heads))
+            self.norm_weight = parameter(torch.ones(layout.d_ssm)) if config.mamba_rms_norm else None
+
+        self.out_proj = build_module(
+            submodules.out_proj, layout.out_proj_cols * tp_size, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="mixer_out", tp_group=self.tp_group,
+        )
+        self.attn_out_bias = self.ssm_out_bias = None
+        if config.attention_bias and layout.attention_heads:
+            self.attn_out_bias = parameter(torch.zeros(config.hidden_size), tensor_parallel_rows=False)
+        if config.projectors_bias and layout.mamba_heads:
+            self.ssm_out_bias = parameter(torch.zeros(config.hidden_size), tensor_parallel_rows=False)
+        for bias in (self.attn_out_bias, self.ssm_out_bias):
+            if bias is not None:
+                setattr(bias, "sequence_parallel", config.sequence_parallel)
+
+        if tp_size > 1 and torch.distributed.is_initialized():
+            sync_replicated_params(self, self.tp_group)
+
+    @staticmethod
+    def _input_multipliers(config, segments: tuple[Segment, ...]):
+        """Per-row scale of the in-projection output, and of its bias.
+
+        HF computes q = q_proj(h * attn_in), k = k_proj(h * attn_in) * key_mult,
+        [z x B C dt] = mamba.in_proj(h * ssm_in) * ssm_multipliers: a row's GEMM output is scaled
+        by in * post, its bias by post only."""
+        a_in, s_in = config.attention_in_multiplier, config.ssm_in_multiplier
+        post = dict(q=1.0, k=config.key_multiplier, v=1.0,
+                    **dict(zip(("z", "x", "B", "C", "dt"), config.ssm_multipliers)))
+        pre = dict(q=a_in, k=a_in, v=a_in, z=s_in, x=s_in, B=s_in, C=s_in, dt=s_in)
+        scale = torch.cat([torch.full((s.rows,), pre[s.name] * post[s.name]) for s in segments])
+        bias_scale = torch.cat([torch.full((s.rows,), post[s.name]) for s in segments])
+        return scale, bias_scale
+
+    @staticmethod
+    def _mamba_init(config, layout):
+        """Mamba-2 initialisation, drawn for all heads and sliced, so it does not depend on TP:
+        A uniform in [1, 16]; dt log-uniform in [1e-3, 1e-1] stored as softplus^-1(dt)."""
+        heads = config.mamba_num_heads
+        A = torch.empty(heads).uniform_(1.0, 16.0)
+        dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        dt_bias = dt + torch.log(-torch.expm1(-dt))
+        local = slice(layout.mamba_head_offset, layout.mamba_head_offset + layout.mamba_heads)
+        return torch.log(A)[local], dt_bias[local]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states, attention_mask=None, inference_context=None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, **unused):
+        """hidden_states [s, b, h] (s / TP under sequence parallelism) -> (out [s, b, h], bias)."""
+        if inference_context is not None:
+            raise NotImplementedError("HybridMixer has no inference cache yet")
+        layout = self.layout
+        proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
+        proj = proj * self.in_proj_scale.to(proj.dtype)
+        in_bias = self._in_proj_bias()
+        if in_bias is not None:
+            proj = proj + (in_bias * self.in_proj_bias_scale).to(proj.dtype)
+
+        attn_rows = sum(s.rows for s in layout.in_proj if s.name in ("q", "k", "v"))
+        attn_proj, ssm_proj = proj[..., :attn_rows], proj[..., attn_rows:]
+        streams = []
+        if layout.attention_heads:
+            attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
+            streams.append(attn * self.config.attention_out_multiplier)
+        if layout.mamba_heads:
+            streams.append(self._ssm(ssm_proj) * self.config.ssm_out_multiplier)
+        mixed = torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
+        out, _ = self.out_proj(mixed)
+        return out, self._out_bias()
+
+    def _in_proj_bias(self):
+        if self.qkv_bias is None and self.ssm_in_bias is None:
+            return None
+        parts = []
+        for bias, names in ((self.qkv_bias, ("q", "k", "v")), (self.ssm_in_bias, ("z", "x", "B", "C", "dt"))):
+            rows = sum(s.rows for s in self.layout.in_proj if s.name in names)
+            if rows:
+                parts.append(bias if bias is not None else self.in_proj_scale.new_zeros(rows))
+        return torch.cat(parts)
+
+    def _out_bias(self):
+        bias = None
+        for param, multiplier in ((self.attn_out_bias, self.config.attention_out_multiplier),
+                                  (self.ssm_out_bias, self.config.ssm_out_multiplier)):
+            if param is not None:
+                bias = param * multiplier if bias is None else bias + param * multiplier
+        return bias
+
+    def _attention(self, proj, rotary_pos_emb, attention_mask, packed_seq_params):
+        layout = self.layout
+        s, b = proj.shape[:2]
+        hd = layout.head_dim
+        q_rows, kv_rows = layout.attention_heads * hd, layout.kv_heads * hd
+        q, k, v = proj.split([q_rows, kv_rows, kv_rows], dim=-1)
+        q = q.reshape(s, b, layout.attention_heads, hd)
+        k = k.reshape(s, b, layout.kv_heads, hd)
+        v = v.reshape(s, b, layout.kv_heads, hd)
+        q = apply_rotary_pos_emb(q, rotary_pos_emb, config=self.config)
+        k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
+        out = self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal,
+                                  packed_seq_params=packed_seq_params)
+        if layout.attention_replicas > 1:
+            # Replicas of these heads each feed their own part of head_dim to the out-projection.
+            out = out.reshape(s, b, layout.attention_heads, hd)[..., layout.attention_out_dims]
+            out = out.reshape(s, b, -1)
+        return out
+
+    def _ssm(self, proj):
+        layout, config = self.layout, self.config
+        s, b = proj.shape[:2]
+        heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
+        d = layout.d_ssm
+        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
+
+        xBC = causal_conv1d(xBC.permute(1, 2, 0), self.conv1d.weight, self.conv1d.bias,
+                            backend=config.kernel_backend)  # [b, channels, s]
+        x, B, C = xBC.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
+        y = ssd_scan(
+            x.reshape(b, s, heads, p), dt.transpose(0, 1), -torch.exp(self.A_log.float()),
+            B.reshape(b, s, groups, n), C.reshape(b, s, groups, n),
+            chunk_size=config.mamba_chunk_size, D=self.D, dt_bias=self.dt_bias,
+            dt_limit=config.mamba_time_step_limit, backend=config.kernel_backend,
+        ).reshape(b, s, d)
+
+        z = z.transpose(0, 1)
+        if self.norm_weight is None:
+            y = y * F.silu(z)
+        else:
+            group_size = config.d_ssm // config.mamba_num_groups
+            sum_squares = None
+            if layout.ssm_group_replicas > 1:
+                group = self.layout.segment("B").offset // n
+
+                def sum_squares(local):
+                    return group_sum_across_ranks(local, group, config.mamba_num_groups, self.tp_group)
+
+            y = gated_rms_norm(y, z, self.norm_weight, eps=config.layernorm_epsilon, group_size=group_size,
+                               norm_before_gate=config.mamba_norm_before_gate,
+                               sum_squares_across_ranks=sum_squares, backend=config.kernel_backend)
+        return y.transpose(0, 1)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Every tensor is stored in its canonical (Hugging Face, TP-independent) layout: fused
+        projections are split into their q/k/v/z/x/B/C/dt row blocks and attention/SSM columns."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        dp_rank = get_pg_rank(metadata["dp_cp_group"])
+        layout = self.layout
+        sharded = {}
+        for name in ("in_proj", "out_proj"):
+            sharded.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
+        sharded[f"{prefix}in_proj.weight"] = _rows_factory(
+            f"{prefix}in_proj.weight", self.in_proj.weight, layout.in_proj, sharded_offsets, dp_rank)
+        sharded[f"{prefix}out_proj.weight"] = _out_proj_factory(
+            f"{prefix}out_proj.weight", self.out_proj.weight, layout, sharded_offsets, dp_rank)
+        attn_names = ("q", "k", "v")
+        for name, segments in (("qkv_bias", [s for s in layout.in_proj if s.name in attn_names]),
+                               ("ssm_in_bias", [s for s in layout.in_proj if s.name not in attn_names])):
+            if getattr(self, name) is not None:
+                sharded[f"{prefix}{name}"] = _rows_factory(
+                    f"{prefix}{name}", getattr(self, name), segments, sharded_offsets, dp_rank)
+        for name in ("attn_out_bias", "ssm_out_bias"):
+            if getattr(self, name) is not None:
+                sharded[f"{prefix}{name}"] = make_sharded_tensor_for_checkpoint(
+                    getattr(self, name), f"{prefix}{name}", sharded_offsets, **groups)
+        if layout.mamba_heads:
+            for name in ("weight", "bias"):
+                param = getattr(self.conv1d, name)
+                if param is not None:
+                    key = f"{prefix}conv1d.{name}"
+                    sharded[key] = _rows_factory(key, param, layout.conv, sharded_offsets, dp_rank)
+            for name in ("A_log", "D", "dt_bias", "norm_weight"):
+                param = getattr(self, name)
+                if param is not None:
+                    sharded[f"{prefix}{name}"] = make_tp_sharded_tensor_for_checkpoint(
+                        param, f"{prefix}{name}", 0, prepend_offsets=sharded_offsets, **groups)
+        return sharded
+
+
+def _replica_id(replica_id, tp_replica: int):
+    """Megatron replica ids are (pipeline, tensor, data); put this rank's TP replica index in."""
+    if isinstance(replica_id, tuple):
+        return (replica_id[0], tp_replica, *replica_id[2:])
+    return (0, tp_replica, replica_id)
+
+
+def _rows_factory(key, param, segments, sharded_offsets, dp_rank) -> ShardedTensorFactory:
+    """Store the row blocks of a fused tensor as separate canonical tensors `{key}.{segment}`."""
+    prepend = len(sharded_offsets)
+
+    def build(key, t, replica_id, flattened_range):
+        assert flattened_range is None, "flattened checkpoint formats are not supported"
+        pieces, start = [], 0
+        for seg in segments:
+            index, count = seg.chunk
+            pieces.append(ShardedTensor.from_rank_offsets(
+                f"{key}.{seg.name}", t[start:start + seg.rows], *sharded_offsets, (prepend, index, count),
+                replica_id=_replica_id(replica_id, seg.replica_index), prepend_axis_num=prepend))
+            start += seg.rows
+        return pieces
+
+    return ShardedTensorFactory(key, param, build, lambda loaded: torch.cat(loaded), (0, 0, dp_rank))
+
+
+def _out_proj_factory(key, param, layout, sharded_offsets, dp_rank) -> ShardedTensorFactory:
+    """Store the out-projection as `{key}.attn` [h, heads, head_dim] (HF o_proj) and
+    `{key}.ssm` [h, d_ssm] (HF mamba.out_proj)."""
+    prepend = len(sharded_offsets)
+    attn_cols = layout.attention_out_cols
+
+    def build(key, t, replica_id, flattened_range):
+        assert flattened_range is None, "flattened checkpoint formats are not supported"
+        pieces = []
+        if attn_cols:
+            width = layout.head_dim // layout.attention_replicas
+            attn = t[:, :attn_cols].reshape(t.shape[0], layout.attention_heads, width)
+            shard = layout.tp_rank // layout.attention_replicas
+            shards = layout.tp_size // layout.attention_replicas
+            pieces.append(ShardedTensor.from_rank_offsets(
+                f"{key}.attn", attn, *sharded_offsets, (prepend + 1, shard, shards),
+                (prepend + 2, layout.attention_replica_index, layout.attention_replicas),
+                replica_id=replica_id, prepend_axis_num=prepend))
+        if layout.d_ssm:
+            pieces.append(ShardedTensor.from_rank_offsets(
+                f"{key}.ssm", t[:, attn_cols:], *sharded_offsets, (prepend + 1, layout.tp_rank, layout.tp_size),
+                replica_id=replica_id, prepend_axis_num=prepend))
+        return pieces
+
+    def merge(loaded):
+        return torch.cat([loaded[0].flatten(1), *loaded[1:]] if attn_cols else loaded, dim=1)
+
+    return ShardedTensorFactory(key, param, build, merge, (0, 0, dp_rank))

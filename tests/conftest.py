@@ -1,0 +1,44 @@
+"""Shared fixtures. Tests run on CPU (CI has no GPU); GPU tests are marked `gpu`."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A one-process gloo world with Megatron's parallel state (TP = PP = CP = DP = 1)."""
+    from megatron.core import parallel_state
+
+    from falcon_h1 import cpu_compat
+
+    cpu_compat.enable()
+    init_file = tempfile.NamedTemporaryFile(prefix="falcon_h1_pg_", delete=False).name
+    os.unlink(init_file)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    cpu_compat.model_parallel_manual_seed(1234)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` CPU processes (gloo); fail with its output on error."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc

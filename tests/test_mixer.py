@@ -1,0 +1,82 @@
+"""HybridMixer: attention heads and Mamba-2 heads side by side, one in-projection, one out-projection."""
+
+import pytest
+import torch
+
+from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.model import FalconH1Model
+from falcon_h1.model.param_count import parameter_count
+from falcon_h1.model.specs import local_layer_spec
+from falcon_h1.parity import build_from_hf, make_hf_model, relative_error
+
+
+def test_mixer_with_2_attention_and_2_mamba_heads_is_the_sum_of_hf_attention_and_mamba(single_rank):
+    hf = make_hf_model(seed=5, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                       mamba_n_heads=2, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=4)
+    model = build_from_hf(hf)
+    mixer, layer = model.decoder.layers[0].self_attention, hf.model.layers[0]
+    cfg = hf.config
+
+    # One fused GEMM in, one out: rows q(32) k(16) v(16) z(32) x(32) B(8) C(8) dt(2); cols attn(32) ssm(32).
+    assert mixer.in_proj.weight.shape == (32 + 16 + 16 + 32 + 32 + 8 + 8 + 2, 64)
+    assert mixer.out_proj.weight.shape == (64, 32 + 32)
+
+    h = torch.randn(2, 11, 64)
+    positions = torch.arange(11)[None]
+    cos_sin = hf.model.rotary_emb(h, positions)
+    causal = torch.full((11, 11), float("-inf")).triu(1)[None, None]
+    expected = (layer.mamba(h) * cfg.ssm_out_multiplier
+                + layer.self_attn(h * cfg.attention_in_multiplier, cos_sin, causal)[0] * cfg.attention_out_multiplier)
+    out, bias = mixer(h.transpose(0, 1), rotary_pos_emb=model.rotary_pos_emb(11, h.device))
+    assert bias is None
+    assert relative_error(out.transpose(0, 1).detach(), expected.detach()) < 1e-5
+
+
+def test_mixer_is_causal(single_rank):
+    hf = make_hf_model(seed=6, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                       mamba_n_heads=2, mamba_d_head=16, mamba_chunk_size=4)
+    model = build_from_hf(hf)
+    tokens = torch.randint(1, 200, (1, 16))
+    changed = tokens.clone()
+    changed[0, 9:] = torch.randint(1, 200, (7,))
+    with torch.no_grad():
+        torch.testing.assert_close(model(changed)[:, :9], model(tokens)[:, :9])
+        assert not torch.allclose(model(changed)[:, 9:], model(tokens)[:, 9:])
+
+
+def _ratio_config(attention_heads: int, mamba_heads: int) -> FalconH1Config:
+    return FalconH1Config(
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, vocab_size=256,
+        num_attention_heads=attention_heads, num_query_groups=2 if attention_heads else 0, kv_channels=16,
+        mamba_num_heads=mamba_heads, mamba_head_dim=16, mamba_state_dim=16, mamba_num_groups=1,
+        mamba_chunk_size=8, use_cpu_initialization=True, kernel_backend="torch",
+    )
+
+
+def _hand_count(a: int, m: int) -> int:
+    """Parameters of _ratio_config(a, m), derived by hand.
+
+    Per layer, hidden 64: attention rows q = 16a, k = v = 2 * 16 in, 16a columns out;
+    Mamba rows z = x = 16m, B = C = 16, dt = m in, 16m columns out; conv over x, B, C
+    (16m + 32 channels, kernel 4, with bias); A_log, D, dt_bias: one each per Mamba head;
+    SwiGLU MLP 3 * 64 * 128; two RMSNorm weights. Plus embedding and lm_head (256 x 64, untied)
+    and the final norm."""
+    attention = 64 * (16 * a + 64) + 16 * a * 64 if a else 0
+    mamba = 64 * (32 * m + 32 + m) + 16 * m * 64 + (16 * m + 32) * 5 + 3 * m if m else 0
+    per_layer = attention + mamba + 3 * 64 * 128 + 2 * 64
+    return 2 * per_layer + 2 * 256 * 64 + 64
+
+
+@pytest.mark.parametrize("attention_heads, mamba_heads", [(8, 0), (6, 2), (4, 4), (2, 6), (0, 8)])
+def test_attention_to_mamba_ratios_build_train_and_have_the_hand_derived_size(single_rank, attention_heads, mamba_heads):
+    config = _ratio_config(attention_heads, mamba_heads)
+    model = FalconH1Model(config, local_layer_spec())
+    tokens = torch.randint(0, 256, (2, 24))
+    loss = model(tokens, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+    built = sum(p.numel() for p in model.parameters())
+    assert built == _hand_count(attention_heads, mamba_heads) == parameter_count(config)["total"]
