@@ -7,8 +7,11 @@ and compare logits and every parameter's gradient.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +22,32 @@ from falcon_h1.model.config import config_from_hf
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.specs import local_layer_spec
 from falcon_h1.model.tensor_parallel import sync_replicated_grads
+
+
+def hf_falcon_h1():
+    """transformers' Falcon-H1 modeling module, on its pure-torch path.
+
+    transformers binds Falcon-H1's conv and scan functions to the causal-conv1d and mamba_ssm
+    packages when they import (its kernel path, tf32-level accurate). The reference is the torch
+    path, so the module is imported with those packages hidden."""
+    name = "transformers.models.falcon_h1.modeling_falcon_h1"
+    if name not in sys.modules:
+        hidden = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in _KERNEL_PACKAGES}
+        sys.modules.update(dict.fromkeys(_KERNEL_PACKAGES))  # None: "import fails"
+        try:
+            importlib.import_module(name)
+        finally:
+            for package in _KERNEL_PACKAGES:
+                del sys.modules[package]
+            sys.modules.update(hidden)
+    module = sys.modules[name]
+    for func in (module.causal_conv1d_fn, module.mamba2_chunk_scan):
+        if inspect.getclosurevars(func).nonlocals.get("is_new_implementation"):
+            raise RuntimeError(f"{name} was imported on its kernel path; import falcon_h1.parity first")
+    return module
+
+
+_KERNEL_PACKAGES = ("causal_conv1d", "mamba_ssm")
 
 
 def random_hf_config(seed: int, **overrides):
@@ -71,10 +100,8 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(seed: int, **config_overrides):
-    from transformers import FalconH1ForCausalLM
-
     torch.manual_seed(seed)
-    hf = FalconH1ForCausalLM(random_hf_config(seed, **config_overrides)).float().eval()
+    hf = hf_falcon_h1().FalconH1ForCausalLM(random_hf_config(seed, **config_overrides)).float().eval()
     randomize_parameters(hf, seed)
     return hf
 

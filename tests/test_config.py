@@ -89,10 +89,12 @@ def test_every_preset_is_within_10_percent_of_its_name_and_shards_at_tp_2_and_4(
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_parameter_count_equals_transformers_model_of_the_same_config(name):
     import torch
-    from transformers import FalconH1Config as HFConfig, FalconH1ForCausalLM
+    from transformers import FalconH1Config as HFConfig
+
+    from falcon_h1.parity import hf_falcon_h1
 
     with torch.device("meta"):  # no memory is allocated, even for 34B
-        hf = FalconH1ForCausalLM(HFConfig(**config_to_hf(preset_config(name))))
+        hf = hf_falcon_h1().FalconH1ForCausalLM(HFConfig(**config_to_hf(preset_config(name))))
     assert parameter_count(preset_config(name))["total"] == sum(p.numel() for p in hf.parameters())
 
 

@@ -27,4 +27,6 @@ def causal_conv1d_cuda(x, weight, bias, activation="silu"):
     """The causal-conv1d package's CUDA kernel (forward and backward)."""
     from causal_conv1d import causal_conv1d_fn
 
+    if x.stride(1) == 1 and (x.stride(0) % 8 or x.stride(2) % 8):
+        x = x.contiguous()  # its channels-last path needs 8-aligned batch and time strides
     return causal_conv1d_fn(x, weight.squeeze(1), bias, activation=activation)
