@@ -84,19 +84,37 @@ def test_triton_gated_norm_matches_torch(norm_before_gate):
         assert relative_error(got, want) < 1e-4
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_kernels_inside_the_full_model(single_rank, dtype):
-    """The whole model with the GPU kernels vs the same weights on the torch path (float32 on GPU)."""
+def _full_model_case():
     hf = make_hf_model(4, mamba_rms_norm=True, mamba_n_groups=2, mamba_chunk_size=64, mamba_d_state=64,
                        num_hidden_layers=3)
-    tokens = random_tokens(hf.config, 2, 300, seed=1).cuda()
-    reference = build_from_hf(hf, kernel_backend="torch").cuda()
-    candidate = build_from_hf(hf, kernel_backend="gpu").cuda().to(dtype)
+    return hf, random_tokens(hf.config, 2, 300, seed=1).cuda()
+
+
+def _errors(model, reference, tokens):
     logits_ref, grads_ref = _grads(lambda: reference(tokens), list(reference.parameters()))
-    logits, grads = _grads(lambda: candidate(tokens), list(candidate.parameters()))
-    logits_tol, grad_tol = (1e-4, 1e-3) if dtype == torch.float32 else (5e-2, 1e-1)
-    errors = {name: relative_error(got, want)
-              for (name, _), got, want in zip(candidate.named_parameters(), grads, grads_ref)}
-    print(f"{dtype}: logits {relative_error(logits, logits_ref):.1e}, worst gradient {max(errors.values()):.1e}")
-    assert relative_error(logits, logits_ref) < logits_tol
-    assert max(errors.values()) < grad_tol, errors
+    logits, grads = _grads(lambda: model(tokens), list(model.parameters()))
+    grad_errors = [relative_error(g, r) for g, r in zip(grads, grads_ref)]
+    return relative_error(logits, logits_ref), max(grad_errors)
+
+
+def test_gpu_kernels_inside_the_full_model_float32(single_rank):
+    """Same weights, float32: the GPU-kernel model computes what the torch-path model computes."""
+    hf, tokens = _full_model_case()
+    reference = build_from_hf(hf, kernel_backend="torch").cuda()
+    logits_error, grad_error = _errors(build_from_hf(hf, kernel_backend="gpu").cuda(), reference, tokens)
+    print(f"float32: logits {logits_error:.1e}, worst gradient {grad_error:.1e}")
+    assert logits_error < 1e-4 and grad_error < 1e-3
+
+
+def test_gpu_kernels_in_bf16_are_as_accurate_as_the_torch_path_in_bf16(single_rank):
+    """bf16 rounding of O(1) random activations over 3 layers is far from small (H100: logits 1.8e-1
+    from float32 on either path), so the bf16 GPU model is held to the bf16 torch-path model's own
+    distance from the float32 model with the same bf16-rounded weights: logits within 1.5x of it,
+    the worst gradient within 2.5x (measured 1.0x and 1.9x)."""
+    hf, tokens = _full_model_case()
+    reference = build_from_hf(hf, kernel_backend="torch").cuda().bfloat16().float()
+    gpu = _errors(build_from_hf(hf, kernel_backend="gpu").cuda().bfloat16(), reference, tokens)
+    cpu_path = _errors(build_from_hf(hf, kernel_backend="torch").cuda().bfloat16(), reference, tokens)
+    print(f"bf16 vs float32: GPU kernels logits {gpu[0]:.1e} grads {gpu[1]:.1e}; "
+          f"torch path logits {cpu_path[0]:.1e} grads {cpu_path[1]:.1e}")
+    assert gpu[0] <= 1.5 * cpu_path[0] and gpu[1] <= 2.5 * cpu_path[1]
