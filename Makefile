@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make run    the main job: set up, then the model self-check against transformers
 #   make test   set up, then the CPU test suite (what CI runs)
-PYTHON ?= python3.12
+# Python 3.12: a pyenv-installed 3.12 if there is one (pyenv's shim refuses versions not selected), else python3.12.
+PYTHON ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))),python3.12)
 VENV := .venv
 PY := $(VENV)/bin/python
 
