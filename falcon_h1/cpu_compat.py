@@ -21,6 +21,9 @@ def enable() -> None:
     # Megatron allocates communication and scratch buffers on torch.cuda.current_device(); with
     # no CUDA device that call raises. A device string is accepted wherever those buffers are made.
     torch.cuda.current_device = lambda: "cpu"
+    # Likewise Megatron moves tensors with .cuda() (e.g. the tied embedding copy on the last
+    # pipeline stage); in the CPU debug mode the CPU plays the GPU's part.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
 class CPURNGStatesTracker(megatron_random.CudaRNGStatesTracker):

@@ -78,11 +78,15 @@ def _rows(canonical, key, segments):
     return torch.cat([canonical[f"{key}.{s.name}"][s.offset: s.offset + s.rows] for s in segments])
 
 
-def canonical_to_local(canonical: dict[str, torch.Tensor], config: FalconH1Config,
-                       tp_rank: int = 0, tp_size: int = 1) -> dict[str, torch.Tensor]:
-    """One tensor-parallel rank's model state dict (single pipeline stage) from canonical tensors."""
+def canonical_to_local(canonical: dict[str, torch.Tensor], config: FalconH1Config, tp_rank: int = 0,
+                       tp_size: int = 1, layers: range | None = None, pre_process: bool = True,
+                       post_process: bool = True) -> dict[str, torch.Tensor]:
+    """One model chunk's state dict from canonical tensors: tensor-parallel rank `tp_rank`, holding
+    the global `layers` (all by default) and, per the pipeline flags, the embedding and the
+    final norm and output layer."""
     layout = mixer_layout(config, tp_size, tp_rank)
     vocab_rows = config.padded_vocab_size // tp_size
+    layers = range(config.num_layers) if layers is None else layers
 
     def vocab_shard(weight):
         padded = weight.new_zeros(config.padded_vocab_size, weight.shape[1])
@@ -92,23 +96,29 @@ def canonical_to_local(canonical: dict[str, torch.Tensor], config: FalconH1Confi
     def even_shard(tensor, dim=0):
         return tensor.chunk(tp_size, dim=dim)[tp_rank]
 
-    out = {"embedding.word_embeddings.weight": vocab_shard(canonical["embedding.word_embeddings.weight"]),
-           "decoder.final_layernorm.weight": canonical["decoder.final_layernorm.weight"]}
-    if "output_layer.weight" in canonical:
-        out["output_layer.weight"] = vocab_shard(canonical["output_layer.weight"])
+    out = {}
+    if pre_process:
+        out["embedding.word_embeddings.weight"] = vocab_shard(canonical["embedding.word_embeddings.weight"])
+    if post_process:
+        out["decoder.final_layernorm.weight"] = canonical["decoder.final_layernorm.weight"]
+        if "output_layer.weight" in canonical:
+            out["output_layer.weight"] = vocab_shard(canonical["output_layer.weight"])
+        elif not pre_process:  # tied embeddings: the last stage keeps its own copy
+            out["output_layer.weight"] = vocab_shard(canonical["embedding.word_embeddings.weight"])
     attn_segments = [s for s in layout.in_proj if s.name in ("q", "k", "v")]
     ssm_segments = [s for s in layout.in_proj if s.name in SSM_BLOCKS]
-    for i in range(config.num_layers):
-        m = f"decoder.layers.{i}."
-        a = m + "self_attention."
+    for local_index, i in enumerate(layers):
+        c = f"decoder.layers.{i}."  # canonical keys use global layer numbers
+        a = c + "self_attention."
+        layer = {}
         for name in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
-            out[m + name] = canonical[m + name]
-        out[a + "in_proj.weight"] = _rows(canonical, a + "in_proj.weight", layout.in_proj)
+            layer[name] = canonical[c + name]
+        layer["self_attention.in_proj.weight"] = _rows(canonical, a + "in_proj.weight", layout.in_proj)
         if config.attention_bias and attn_segments:
-            out[a + "qkv_bias"] = _rows(canonical, a + "qkv_bias", attn_segments)
-            out[a + "attn_out_bias"] = canonical[a + "attn_out_bias"]
+            layer["self_attention.qkv_bias"] = _rows(canonical, a + "qkv_bias", attn_segments)
+            layer["self_attention.attn_out_bias"] = canonical[a + "attn_out_bias"]
         if config.mamba_proj_bias and ssm_segments:
-            out[a + "ssm_in_bias"] = _rows(canonical, a + "ssm_in_bias", ssm_segments)
+            layer["self_attention.ssm_in_bias"] = _rows(canonical, a + "ssm_in_bias", ssm_segments)
         out_cols = []
         if layout.attention_heads:
             shard = tp_rank // layout.attention_replicas
@@ -117,22 +127,22 @@ def canonical_to_local(canonical: dict[str, torch.Tensor], config: FalconH1Confi
             out_cols.append(attn.reshape(config.hidden_size, -1))
         if layout.mamba_heads:
             out_cols.append(even_shard(canonical[a + "out_proj.weight.ssm"], dim=1))
-            out[a + "conv1d.weight"] = _rows(canonical, a + "conv1d.weight", layout.conv)
+            layer["self_attention.conv1d.weight"] = _rows(canonical, a + "conv1d.weight", layout.conv)
             if config.mamba_conv_bias:
-                out[a + "conv1d.bias"] = _rows(canonical, a + "conv1d.bias", layout.conv)
+                layer["self_attention.conv1d.bias"] = _rows(canonical, a + "conv1d.bias", layout.conv)
             for name in ("A_log", "D", "dt_bias") + (("norm_weight",) if config.mamba_rms_norm else ()):
-                out[a + name] = even_shard(canonical[a + name])
+                layer[f"self_attention.{name}"] = even_shard(canonical[a + name])
             if config.projectors_bias:
-                out[a + "ssm_out_bias"] = canonical[a + "ssm_out_bias"]
-        out[a + "out_proj.weight"] = torch.cat(out_cols, dim=1)
-        fc1 = canonical[m + "mlp.linear_fc1.weight"]
-        gate, up = fc1.chunk(2)
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([even_shard(gate), even_shard(up)])
-        out[m + "mlp.linear_fc2.weight"] = even_shard(canonical[m + "mlp.linear_fc2.weight"], dim=1)
+                layer["self_attention.ssm_out_bias"] = canonical[a + "ssm_out_bias"]
+        layer["self_attention.out_proj.weight"] = torch.cat(out_cols, dim=1)
+        gate, up = canonical[c + "mlp.linear_fc1.weight"].chunk(2)
+        layer["mlp.linear_fc1.weight"] = torch.cat([even_shard(gate), even_shard(up)])
+        layer["mlp.linear_fc2.weight"] = even_shard(canonical[c + "mlp.linear_fc2.weight"], dim=1)
         if config.add_bias_linear:
-            gate, up = canonical[m + "mlp.linear_fc1.bias"].chunk(2)
-            out[m + "mlp.linear_fc1.bias"] = torch.cat([even_shard(gate), even_shard(up)])
-            out[m + "mlp.linear_fc2.bias"] = canonical[m + "mlp.linear_fc2.bias"]
+            gate, up = canonical[c + "mlp.linear_fc1.bias"].chunk(2)
+            layer["mlp.linear_fc1.bias"] = torch.cat([even_shard(gate), even_shard(up)])
+            layer["mlp.linear_fc2.bias"] = canonical[c + "mlp.linear_fc2.bias"]
+        out.update({f"decoder.layers.{local_index}.{name}": t for name, t in layer.items()})
     return out
 
 

@@ -31,7 +31,7 @@ class FalconH1Model(LanguageModule):
 
     Args:
         config: the model configuration.
-        transformer_layer_spec: layer spec; the TE spec when TE is installed, else the local one.
+        transformer_layer_spec: layer spec (default: the local spec, see specs.py).
         pre_process / post_process: whether this pipeline stage holds the embedding / the output layer.
         parallel_output: keep logits split over tensor-parallel ranks (for the vocab-parallel loss).
     """
