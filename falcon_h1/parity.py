@@ -80,8 +80,8 @@ def randomize_parameters(model: torch.nn.Module, seed: int) -> None:
     away from their 1/0 init, A in [1, 16], varied D and dt bias."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        def randn(scale):
-            return torch.randn(p.shape, generator=gen) * scale
+        def randn(scale, shape=p.shape):
+            return torch.randn(shape, generator=gen) * scale
 
         if name.endswith("A_log"):
             p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 15 + 1))

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from falcon_h1.model.presets import PRESETS, preset_config
     from falcon_h1.parity import build_from_hf, compare_with_hf, make_hf_model, random_tokens
 
-    print(f"Falcon-H1 self-check: this project's Megatron Core model vs transformers' FalconH1ForCausalLM")
+    print("Falcon-H1 self-check: this project's Megatron Core model vs transformers' FalconH1ForCausalLM")
     print(f"float32, batch {args.batch} x {args.seq_len} tokens, random weights; tolerances: "
           f"logits {LOGITS_TOLERANCE:g}, gradients {GRAD_TOLERANCE:g} (relative)\n")
     print(f"{'configuration':42s} {'params':>8s} {'logits err':>11s} {'worst grad err':>15s}  result")

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

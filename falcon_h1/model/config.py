@@ -262,7 +262,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> FalconH1Config:
     )
     unknown = set(hf) - _HF_MODEL_KEYS - _HF_METADATA_KEYS
     if unknown:
-        warnings.warn(f"Falcon-H1 config.json keys not understood and ignored: {sorted(unknown)}")
+        warnings.warn(f"Falcon-H1 config.json keys not understood and ignored: {sorted(unknown)}", stacklevel=2)
     kwargs.update(overrides)
     return FalconH1Config(**kwargs)
 

@@ -8,7 +8,6 @@ multipliers. Released models use norm_before_gate=False.
 
 from __future__ import annotations
 
-import math
 
 from falcon_h1.model.config import FalconH1Config
 
