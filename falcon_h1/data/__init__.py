@@ -1,0 +1,1 @@
+"""Data: preprocessing into Megatron indexed datasets, and the bundled default corpus."""
