@@ -118,6 +118,24 @@ def build_from_hf(hf_model, tp_rank: int = 0, tp_size: int = 1, **config_overrid
     return model
 
 
+def init_single_process(seed: int = 1234) -> None:
+    """A one-process gloo world with Megatron's parallel state (TP = PP = CP = DP = 1), seeded;
+    the CPU debug mode is on when there is no GPU."""
+    import os
+    import tempfile
+
+    from megatron.core import parallel_state
+
+    from falcon_h1 import cpu_compat
+
+    cpu_compat.enable()
+    if not dist.is_initialized():
+        path = os.path.join(tempfile.mkdtemp(prefix="falcon_h1_pg_"), "init")
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    cpu_compat.model_parallel_manual_seed(seed)
+
+
 def random_tokens(hf_config, batch: int, seq_len: int, seed: int) -> torch.Tensor:
     """Token ids avoiding the pad id (HF freezes the pad embedding row, Megatron does not)."""
     gen = torch.Generator().manual_seed(seed)

@@ -13,9 +13,7 @@ if any check is outside its tolerance.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -34,20 +32,6 @@ CASES = {
         num_attention_heads=2, num_key_value_heads=1, head_dim=32, mamba_n_heads=6, mamba_d_head=16,
         mamba_d_state=32, vocab_size=301),
 }
-
-
-def _init_single_process():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from falcon_h1 import cpu_compat
-
-    cpu_compat.enable()
-    if not dist.is_initialized():
-        path = os.path.join(tempfile.mkdtemp(), "pg")
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    cpu_compat.model_parallel_manual_seed(1234)
 
 
 def _gpu_kernel_check(seq_len: int) -> tuple[str, bool] | None:
@@ -78,7 +62,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    _init_single_process()
+    from falcon_h1.parity import init_single_process
+
+    init_single_process()
     from falcon_h1.model.param_count import parameter_count
     from falcon_h1.model.presets import PRESETS, preset_config
     from falcon_h1.parity import build_from_hf, compare_with_hf, make_hf_model, random_tokens

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,14 +18,9 @@ def single_rank():
     """A one-process gloo world with Megatron's parallel state (TP = PP = CP = DP = 1)."""
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.parity import init_single_process
 
-    cpu_compat.enable()
-    init_file = tempfile.NamedTemporaryFile(prefix="falcon_h1_pg_", delete=False).name
-    os.unlink(init_file)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    cpu_compat.model_parallel_manual_seed(1234)
+    init_single_process()
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

@@ -16,6 +16,8 @@ import statistics
 import sys
 import warnings
 
+from falcon_h1.kernels import BACKENDS
+
 CATEGORIES = (  # first match wins
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("ssd_scan", ("_chunk_scan", "_chunk_state", "_state_passing", "_bmm_chunk", "_chunk_cumsum", "ssd")),
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--kernel-backend", default="auto", choices=("auto", "torch", "gpu"))
+    parser.add_argument("--kernel-backend", default="auto", choices=BACKENDS)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -107,8 +109,9 @@ def main(argv=None) -> int:
     for event in prof.key_averages():
         device_ms = (getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)) / 1e3 / profiled
         if device_ms:
-            parts[categorize(event.key)] += device_ms
-            if categorize(event.key) == "rest":
+            category = categorize(event.key)
+            parts[category] += device_ms
+            if category == "rest":
                 rest_kernels.append((device_ms, event.key[:90]))
     kernel_ms = sum(parts.values())
     tokens = s * b

@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from falcon_h1.model.config import FalconH1Config
-from falcon_h1.model.layout import mixer_layout
-
-SSM_BLOCKS = ("z", "x", "B", "C", "dt")
+from falcon_h1.model.layout import SSM_BLOCKS, mixer_layout
 
 
 def _ssm_in_sizes(config: FalconH1Config) -> list[int]:
@@ -105,8 +103,7 @@ def canonical_to_local(canonical: dict[str, torch.Tensor], config: FalconH1Confi
             out["output_layer.weight"] = vocab_shard(canonical["output_layer.weight"])
         elif not pre_process:  # tied embeddings: the last stage keeps its own copy
             out["output_layer.weight"] = vocab_shard(canonical["embedding.word_embeddings.weight"])
-    attn_segments = [s for s in layout.in_proj if s.name in ("q", "k", "v")]
-    ssm_segments = [s for s in layout.in_proj if s.name in SSM_BLOCKS]
+    attn_segments, ssm_segments = layout.attention_segments, layout.ssm_segments
     for local_index, i in enumerate(layers):
         c = f"decoder.layers.{i}."  # canonical keys use global layer numbers
         a = c + "self_attention."

@@ -26,6 +26,10 @@ import math
 from dataclasses import dataclass
 
 
+ATTENTION_BLOCKS = ("q", "k", "v")
+SSM_BLOCKS = ("z", "x", "B", "C", "dt")
+
+
 def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
@@ -69,6 +73,19 @@ class MixerLayout:
     @property
     def in_proj_rows(self) -> int:
         return sum(s.rows for s in self.in_proj)
+
+    @property
+    def attention_segments(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.in_proj if s.name in ATTENTION_BLOCKS)
+
+    @property
+    def ssm_segments(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.in_proj if s.name in SSM_BLOCKS)
+
+    @property
+    def attention_rows(self) -> int:
+        """In-projection rows of the attention stream (they come first)."""
+        return sum(s.rows for s in self.attention_segments)
 
     @property
     def attention_out_cols(self) -> int:

@@ -76,15 +76,13 @@ class HybridMixer(MegatronModule):
             is_expert=False, tp_comm_buffer_name="mixer_in", tp_group=self.tp_group,
         )
         mark_replicated_rows(self.in_proj.weight, layout.in_proj)
-        attn_segments = [s for s in layout.in_proj if s.name in ("q", "k", "v")]
-        ssm_segments = [s for s in layout.in_proj if s.name not in ("q", "k", "v")]
         self.qkv_bias = self.ssm_in_bias = None
-        if config.attention_bias and attn_segments:
-            self.qkv_bias = parameter(torch.zeros(sum(s.rows for s in attn_segments)))
-            mark_replicated_rows(self.qkv_bias, attn_segments)
-        if config.mamba_proj_bias and ssm_segments:
-            self.ssm_in_bias = parameter(torch.zeros(sum(s.rows for s in ssm_segments)))
-            mark_replicated_rows(self.ssm_in_bias, ssm_segments)
+        if config.attention_bias and layout.attention_segments:
+            self.qkv_bias = parameter(torch.zeros(layout.attention_rows))
+            mark_replicated_rows(self.qkv_bias, layout.attention_segments)
+        if config.mamba_proj_bias and layout.ssm_segments:
+            self.ssm_in_bias = parameter(torch.zeros(layout.in_proj_rows - layout.attention_rows))
+            mark_replicated_rows(self.ssm_in_bias, layout.ssm_segments)
         scale, bias_scale = self._input_multipliers(config, layout.in_proj)
         self.register_buffer("in_proj_scale", scale.to(device), persistent=False)
         self.register_buffer("in_proj_bias_scale", bias_scale.to(device), persistent=False)
@@ -176,8 +174,7 @@ class HybridMixer(MegatronModule):
         if in_bias is not None:
             proj = proj + (in_bias * self.in_proj_bias_scale).to(proj.dtype)
 
-        attn_rows = sum(s.rows for s in layout.in_proj if s.name in ("q", "k", "v"))
-        attn_proj, ssm_proj = proj[..., :attn_rows], proj[..., attn_rows:]
+        attn_proj, ssm_proj = proj[..., :layout.attention_rows], proj[..., layout.attention_rows:]
         streams = []
         if layout.attention_heads:
             attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
@@ -191,9 +188,9 @@ class HybridMixer(MegatronModule):
     def _in_proj_bias(self):
         if self.qkv_bias is None and self.ssm_in_bias is None:
             return None
-        parts = []
-        for bias, names in ((self.qkv_bias, ("q", "k", "v")), (self.ssm_in_bias, ("z", "x", "B", "C", "dt"))):
-            rows = sum(s.rows for s in self.layout.in_proj if s.name in names)
+        layout, parts = self.layout, []
+        for bias, rows in ((self.qkv_bias, layout.attention_rows),
+                           (self.ssm_in_bias, layout.in_proj_rows - layout.attention_rows)):
             if rows:
                 parts.append(bias if bias is not None else self.in_proj_scale.new_zeros(rows))
         return torch.cat(parts)
@@ -275,9 +272,7 @@ class HybridMixer(MegatronModule):
             f"{prefix}in_proj.weight", self.in_proj.weight, layout.in_proj, sharded_offsets, dp_rank)
         sharded[f"{prefix}out_proj.weight"] = _out_proj_factory(
             f"{prefix}out_proj.weight", self.out_proj.weight, layout, sharded_offsets, dp_rank)
-        attn_names = ("q", "k", "v")
-        for name, segments in (("qkv_bias", [s for s in layout.in_proj if s.name in attn_names]),
-                               ("ssm_in_bias", [s for s in layout.in_proj if s.name not in attn_names])):
+        for name, segments in (("qkv_bias", layout.attention_segments), ("ssm_in_bias", layout.ssm_segments)):
             if getattr(self, name) is not None:
                 sharded[f"{prefix}{name}"] = _rows_factory(
                     f"{prefix}{name}", getattr(self, name), segments, sharded_offsets, dp_rank)
