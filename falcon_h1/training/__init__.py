@@ -1,0 +1,1 @@
+"""Training: LightningModule, MegatronStrategy, optimizer and schedules, checkpoints, callbacks."""
