@@ -12,18 +12,61 @@ import contextlib
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as megatron_random
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+
+
+def _is_cuda(device) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or \
+        (isinstance(device, torch.device) and device.type == "cuda")
+
+
+class _HostStream:
+    """Stands in for a CUDA stream: CPU work is already ordered, so waits are no-ops."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _CudaAllocationsOnCPU(TorchFunctionMode):
+    """Megatron's optimizer, grad-norm and checkpoint code allocates small tensors with
+    device="cuda", and its optimizers accept only parameters whose `type()` is a CUDA tensor
+    type; in the CPU debug mode those tensors land on the CPU and CPU parameters pass the check."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
+        if _is_cuda(kwargs.get("device")):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to and args and any(_is_cuda(a) for a in args[1:]):
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
 
 
 def enable() -> None:
     """Turn on the CPU debug mode (idempotent; does nothing when CUDA is available)."""
-    if torch.cuda.is_available():
+    global _enabled
+    if torch.cuda.is_available() or _enabled:
         return
+    _enabled = True
     # Megatron allocates communication and scratch buffers on torch.cuda.current_device(); with
     # no CUDA device that call raises. A device string is accepted wherever those buffers are made.
     torch.cuda.current_device = lambda: "cpu"
     # Likewise Megatron moves tensors with .cuda() (e.g. the tied embedding copy on the last
     # pipeline stage); in the CPU debug mode the CPU plays the GPU's part.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _HostStream()  # DDP's gradient reduction
+    _CudaAllocationsOnCPU().__enter__()  # stays on for the life of the process
 
 
 class CPURNGStatesTracker(megatron_random.CudaRNGStatesTracker):

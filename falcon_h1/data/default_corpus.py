@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import sys
 import sysconfig
 from pathlib import Path
@@ -42,7 +43,7 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, max_bytes: int = 
     """Paths of the cached default corpus (.bin/.idx prefix and tokenizer), building it if needed."""
     cache = Path(cache_dir or os.environ.get("FALCON_H1_CACHE", Path.home() / ".cache" / "falcon_h1"))
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    directory = cache / f"stdlib_corpus_{version}_{max_bytes}_{vocab_size}"
+    directory = cache / f"stdlib_corpus_v2_{version}_{max_bytes}_{vocab_size}"
     directory.mkdir(parents=True, exist_ok=True)
     prefix = directory / "stdlib"
     with open(directory / ".lock", "w") as lock:
@@ -52,6 +53,9 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, max_bytes: int = 
             print(f"preparing the default corpus (Python {sys.version.split()[0]} standard library) in {directory}",
                   flush=True)
             files = [str(p) for p in stdlib_sources(max_bytes)]
+            # Megatron splits train/validation/test by document order: shuffle the files (with a
+            # fixed seed) so the validation documents are a random sample, not the alphabetical tail.
+            random.Random(0).shuffle(files)
             return preprocess(files, str(prefix), train_bpe_vocab=vocab_size, log_every=0)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

@@ -19,6 +19,14 @@ _SHARED = dict(
 _DEEP_SSM_MULTIPLIERS = (0.3535533905932738, 0.25, 0.1767766952966369, 0.5, 0.3535533905932738)
 
 PRESETS: dict[str, dict] = {
+    # Not a released model: a few-million-parameter Falcon-H1 for CPU smoke tests, CI and the
+    # README's main job (its vocabulary is the bundled corpus tokenizer's).
+    "tiny": dict(
+        num_layers=4, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
+        kv_channels=64, mamba_num_heads=8, mamba_head_dim=32, mamba_state_dim=32, mamba_num_groups=1,
+        mamba_chunk_size=64, mamba_rms_norm=False, vocab_size=4096, max_position_embeddings=4096,
+        share_embeddings_and_output_weights=True,
+    ),
     "tiny-90m": dict(
         num_layers=24, hidden_size=512, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=2,
         kv_channels=64, mamba_num_heads=24, mamba_head_dim=32, mamba_state_dim=64, mamba_num_groups=1,
@@ -76,7 +84,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # The size in each preset's name, in parameters.
-NOMINAL_SIZES = {"tiny-90m": 90e6, "0.5b": 0.5e9, "1.5b": 1.5e9, "1.5b-deep": 1.5e9, "3b": 3e9,
+NOMINAL_SIZES = {"tiny": 3.4e6, "tiny-90m": 90e6, "0.5b": 0.5e9, "1.5b": 1.5e9, "1.5b-deep": 1.5e9, "3b": 3e9,
                  "7b": 7e9, "34b": 34e9}
 
 

@@ -154,7 +154,7 @@ class ThroughputMonitor(pl.Callback):
         metrics.update(self._memory_metrics(trainer, pl_module))
         self.last_metrics = metrics
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+            pl_module.log(name, value, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
 
     def metrics_for_step_time(self, step_time: float) -> dict[str, float]:
         """Throughput of a step that took step_time seconds, per GPU."""

@@ -1,0 +1,137 @@
+"""Pretrain a Falcon-H1 model: `python -m falcon_h1.train --help`.
+
+Without arguments it trains the `tiny` preset on the bundled corpus (the Python standard library,
+tokenized once and cached) for 300 steps - on the GPU if there is one, else on the CPU in a few
+minutes - and prints where the checkpoint, the logs and the loss plot are. Run it again with the
+same --log-dir and it resumes from the latest complete checkpoint. Under torchrun, every process
+runs this same command (e.g. `torchrun --nproc-per-node 2 -m falcon_h1.train --tp 2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m falcon_h1.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", default="tiny", help="model preset (default: tiny; see docs/models.md)")
+    model.add_argument("--num-layers", type=int, help="override the preset's number of layers")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", nargs="+", metavar="PREFIX",
+                      help="indexed dataset prefixes, or WEIGHT PREFIX pairs (default: the bundled corpus)")
+    data.add_argument("--tokenizer", help="Hugging Face tokenizer directory of --data")
+    data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus")
+    data.add_argument("--seq-length", type=int, default=128)
+    data.add_argument("--micro-batch-size", type=int, default=8)
+    data.add_argument("--global-batch-size", type=int, default=16)
+    data.add_argument("--split", default="98,2,0", help="train,validation,test proportions")
+    run = parser.add_argument_group("run")
+    run.add_argument("--max-steps", type=int, default=300)
+    run.add_argument("--log-dir", default="runs/tiny", help="checkpoints, TensorBoard logs and the loss plot")
+    run.add_argument("--lr", type=float, default=3e-3)
+    run.add_argument("--warmup-steps", type=int, help="linear LR warm-up (default: 10%% of --max-steps)")
+    run.add_argument("--lr-decay", default="WSD", choices=["WSD", "cosine", "linear", "constant"])
+    run.add_argument("--precision", choices=["bf16-mixed", "32"], help="default: bf16-mixed on GPU, 32 on CPU")
+    run.add_argument("--val-every", type=int, default=50, help="validate every N steps")
+    run.add_argument("--val-batches", type=int, default=8, help="global batches per validation")
+    run.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
+    run.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (and at the end)")
+    run.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
+    run.add_argument("--async-save", action="store_true", help="write checkpoints in the background (GPU)")
+    run.add_argument("--seed", type=int, default=1234)
+    resume = parser.add_argument_group("resume")
+    resume.add_argument("--no-resume", action="store_true", help="start over even if --log-dir has checkpoints")
+    resume.add_argument("--resume-from", help="continue from this checkpoint")
+    resume.add_argument("--restore-weights-from", help="start a new run from this checkpoint's weights")
+    parallel = parser.add_argument_group("parallelism (data parallelism takes the remaining processes)")
+    parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parallel.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parallel.add_argument("--vpp", type=int, help="virtual pipeline stages per pipeline rank")
+    parallel.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    parallel.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|full scope|weights_only).*")
+    from falcon_h1.training.checkpoint_io import CheckpointError
+
+    try:
+        return train(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as error:
+        # Bad input (data path, layout, checkpoint, tokenizer): the message says what and where.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    from falcon_h1.data.default_corpus import default_corpus
+    from falcon_h1.data.pretraining import MockDataModule, PreTrainingDataModule
+    from falcon_h1.model.presets import preset_config
+    from falcon_h1.training.checkpoint import AutoResume
+    from falcon_h1.training.module import FalconH1Module
+    from falcon_h1.training.optim import LRSchedule, falcon_h1_optimizer_config
+    from falcon_h1.training.pretrain import build_trainer, pretrain
+    from falcon_h1.training.strategy import MegatronStrategy
+
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    config = preset_config(args.preset, **overrides)
+    batch = dict(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
+                 global_batch_size=args.global_batch_size, seed=args.seed)
+    if args.mock_data:
+        data, tokenizer_dir = MockDataModule(vocab_size=config.vocab_size, **batch), None
+    elif args.data:
+        if not args.tokenizer:
+            sys.exit("--data needs --tokenizer (the tokenizer directory the data was made with)")
+        data = PreTrainingDataModule(_blend(args.data), args.tokenizer, split=args.split, **batch)
+        tokenizer_dir = args.tokenizer
+    else:
+        corpus = default_corpus()
+        data = PreTrainingDataModule(corpus.prefix, corpus.tokenizer_dir, split=args.split, **batch)
+        tokenizer_dir = corpus.tokenizer_dir
+
+    module = FalconH1Module(
+        config, falcon_h1_optimizer_config(lr=args.lr),
+        LRSchedule(warmup_steps=args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10,
+                   decay_style=args.lr_decay), tokenizer_dir=tokenizer_dir)
+    strategy = MegatronStrategy(
+        tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=args.vpp, context_parallel_size=args.cp,
+        sequence_parallel=args.sp, async_save=args.async_save, seed=args.seed)
+    trainer = build_trainer(
+        args.log_dir, args.max_steps, strategy, precision=args.precision, val_check_interval=args.val_every,
+        limit_val_batches=args.val_batches, log_every_n_steps=args.log_every,
+        checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=args.keep_last)
+    resume = AutoResume(resume_if_exists=not args.no_resume, resume_from_path=args.resume_from,
+                        restore_weights_from=args.restore_weights_from)
+    result = pretrain(module, data, trainer, resume)
+    if trainer.is_global_zero:
+        print(f"\ntrained {config_name(args)} to step {result.global_step}: train loss {result.train_loss:.4f}, "
+              f"validation loss {result.val_loss:.4f}")
+        print(f"checkpoint:  {result.checkpoint}")
+        print(f"TensorBoard: tensorboard --logdir {result.log_dir / 'tensorboard'}")
+        print(f"loss plot:   {result.loss_plot}")
+    return 0
+
+
+def config_name(args) -> str:
+    return f"Falcon-H1 '{args.preset}'"
+
+
+def _blend(values: list[str]) -> list:
+    """["a", "b"] stays a list of prefixes; ["0.7", "a", "0.3", "b"] becomes a weighted blend."""
+    try:
+        weights = [float(v) for v in values[0::2]]
+    except ValueError:
+        return values
+    return [x for w, p in zip(weights, values[1::2]) for x in (w, p)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Checkpoint directories: layout, the unfinished marker, and finding the latest good one.
+
+    <checkpoints>/step=0000200/
+        weights/     Megatron torch_dist sharded checkpoint: model (canonical HF tensor layout),
+                     optimizer, LR schedule, loop progress, consumed samples
+        context/     config.json (the model as a Hugging Face Falcon-H1 config), run.json
+                     (step, consumed samples, parallel layout), tokenizer/ (tokenizer files)
+    <checkpoints>/step=0000200-unfinished    present while that save is in progress
+
+A save creates the marker first and removes it only after every rank (and, for async saves,
+every background writer) has finished, so a checkpoint interrupted at any point - killed during
+the write, out of disk, node failure - is never taken for a good one. Older checkpoints are
+deleted only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+WEIGHTS_DIR = "weights"
+CONTEXT_DIR = "context"
+UNFINISHED_SUFFIX = "-unfinished"
+_STEP_NAME = re.compile(r"^step=(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, unfinished, corrupt or for another model."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step={step:07d}"
+
+
+def unfinished_marker(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + UNFINISHED_SUFFIX)
+
+
+def mark_unfinished(path: str | os.PathLike) -> None:
+    """Create the marker durably before anything of the checkpoint is written."""
+    marker = unfinished_marker(path)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("a save of this checkpoint started and has not finished\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(marker.parent)
+
+
+def mark_finished(path: str | os.PathLike) -> None:
+    unfinished_marker(path).unlink(missing_ok=True)
+    _fsync_dir(Path(path).parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / WEIGHTS_DIR / "metadata.json").is_file() and not unfinished_marker(path).exists()
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    match = _STEP_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_weights_only(path: str | os.PathLike) -> bool:
+    """Saved without optimizer and loop state (e.g. the initial weights): not a point to resume from."""
+    try:
+        return bool(json.loads((Path(path) / CONTEXT_DIR / "run.json").read_text()).get("weights_only"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def complete_checkpoints(directory: str | os.PathLike, resumable: bool = False) -> list[Path]:
+    """Complete checkpoints under `directory`, oldest first (with resumable: those a run can
+    continue from, i.e. not weights-only)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)
+             and not (resumable and is_weights_only(p))]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(directory: str | os.PathLike, resumable: bool = False) -> Path | None:
+    found = complete_checkpoints(directory, resumable)
+    return found[-1] if found else None
+
+
+def check_loadable(path: str | os.PathLike) -> Path:
+    """The checkpoint directory, or a CheckpointError saying what is wrong with it and what to do."""
+    path = Path(path)
+    if path.name == WEIGHTS_DIR:
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the directory of a checkpoint "
+                              f"(one that holds '{WEIGHTS_DIR}/' and '{CONTEXT_DIR}/')")
+    if unfinished_marker(path).exists():
+        raise CheckpointError(f"checkpoint {path} is unfinished (its save was interrupted: "
+                              f"{unfinished_marker(path)} exists); resume from an earlier checkpoint")
+    if not (path / WEIGHTS_DIR / "metadata.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint: {path / WEIGHTS_DIR / 'metadata.json'} "
+                              f"is missing; give the directory of a checkpoint written by falcon_h1")
+    return path
+
+
+def write_context(path: str | os.PathLike, hf_config: dict, run_info: dict, tokenizer_dir: str | None) -> None:
+    """Rank 0: what is needed to rebuild the model and its tokenizer without the training code's
+    arguments (fine-tuning, export, generation)."""
+    context = Path(path) / CONTEXT_DIR
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    (context / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    if tokenizer_dir:
+        shutil.copytree(tokenizer_dir, context / "tokenizer", dirs_exist_ok=True)
+
+
+def read_context(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(HF config dict, run info) of a checkpoint."""
+    context = Path(path) / CONTEXT_DIR
+    try:
+        config = json.loads((context / "config.json").read_text())
+        run_info = json.loads((context / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path}: cannot read {context}/config.json and run.json ({error})") from error
+    return config, run_info
+
+
+def model_sharded_state_dict(models) -> dict:
+    """The sharded state dict of a rank's model chunks: {"model": ...}, or {"model0": ..., ...}
+    with virtual pipeline stages. Tensors carry canonical global keys, so the nesting does not
+    tie a checkpoint to a layout."""
+    if len(models) == 1:
+        return {"model": models[0].sharded_state_dict()}
+    return {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+
+
+def load_sharded(path: Path, template: dict) -> dict:
+    """dist_checkpointing.load of `template` from checkpoint `path`, errors naming the checkpoint."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        return dist_checkpointing.load(template, str(Path(path) / WEIGHTS_DIR))
+    except (Exception, CheckpointException) as error:
+        lines = str(error).strip().splitlines()  # torch's CheckpointException holds each rank's traceback
+        detail = lines[-1] if lines else type(error).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {detail}. The checkpoint is corrupt or "
+            "incomplete, or was written for another model; use an earlier checkpoint") from error
+
+
+def apply_model_state(models, state: dict, strict: bool = True) -> None:
+    names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    for name, model in zip(names, models):
+        model.load_state_dict(state[name], strict=strict)
+
+
+def check_same_model(path: Path, hf_config: dict) -> None:
+    """A CheckpointError if the checkpoint at `path` holds a model of another shape."""
+    saved, _ = read_context(path)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups", "intermediate_size", "vocab_size")
+    different = {k: (saved.get(k), hf_config.get(k)) for k in keys if saved.get(k) != hf_config.get(k)}
+    if different:
+        detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in different.items())
+        raise CheckpointError(f"checkpoint {path} holds another model shape ({detail}); configure the model "
+                              "like the checkpoint or pick another checkpoint")
+
+
+def load_model_weights(models, path: str | os.PathLike, strict: bool = True) -> Path:
+    """Load a checkpoint's weights into this rank's model chunks (FalconH1Model), at whatever
+    TP/PP layout they were built with. Every rank of the job calls it."""
+    from falcon_h1.model.config import config_to_hf
+
+    path = check_loadable(path)
+    check_same_model(path, config_to_hf(models[0].config))
+    loaded = load_sharded(path, {"state_dict": model_sharded_state_dict(models)})
+    apply_model_state(models, loaded["state_dict"], strict)
+    return path
+
+
+def checkpoint_model_config(path: str | os.PathLike, **overrides):
+    """The FalconH1Config a checkpoint was written with (parallel sizes etc. from `overrides`)."""
+    from falcon_h1.model.config import config_from_hf
+
+    hf_config, _ = read_context(check_loadable(path))
+    return config_from_hf(hf_config, **overrides)
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint; the marker goes first so a half-deleted one never looks complete."""
+    path = Path(path)
+    mark_unfinished(path)
+    shutil.rmtree(path, ignore_errors=True)
+    mark_finished(path)

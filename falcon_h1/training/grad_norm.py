@@ -1,0 +1,67 @@
+"""Gradient norm with the mixer's TP-replicated rows counted once.
+
+Megatron's grad norm sums the squares of every tensor-parallel parameter's gradient over the TP
+ranks. The mixer replicates some rows (KV heads, SSM groups, attention heads when TP exceeds
+them; see layout.py) on r ranks, each holding the same summed gradient, so those rows would count
+r times and clipping at TP > 1 would differ from TP = 1. Scaling those rows' gradients by
+1/sqrt(r) in the tensors handed to the norm makes the total exactly the TP = 1 norm; the
+gradients the optimizer applies are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import ChainedOptimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from falcon_h1.model.tensor_parallel import REPLICATED_ROWS_ATTR
+
+
+def _row_scale(param: torch.Tensor) -> torch.Tensor | None:
+    """Per-element factor (flattened like the parameter): 1/sqrt(replicas) on replicated rows."""
+    replicated = getattr(param, REPLICATED_ROWS_ATTR, None)
+    if not replicated:
+        return None
+    rows = torch.ones(param.shape[0], dtype=torch.float32, device=param.device)
+    for start, segment in replicated:
+        rows[start:start + segment.rows] = segment.replicas ** -0.5
+    return rows.view(-1, *([1] * (param.dim() - 1))).expand(param.shape).reshape(-1)
+
+
+def _main_params_with_scale(optimizer):
+    """(main parameter, its per-element scale) for parameters with replicated rows."""
+    if isinstance(optimizer, DistributedOptimizer):
+        pairs = []
+        for models, shards in ((optimizer.model_float16_groups, optimizer.shard_fp32_from_float16_groups),
+                               (optimizer.model_fp32_groups, optimizer.shard_fp32_groups)):
+            for model_group, shard_group in zip(models, shards):
+                for model_param, shard in zip(model_group, shard_group):
+                    scale = _row_scale(model_param)
+                    if scale is not None:
+                        owned = optimizer._get_model_param_range_map(model_param)["param"]
+                        pairs.append((shard, scale[owned.start:owned.end].view(shard.shape)))
+        return pairs
+    if hasattr(optimizer, "float16_groups"):  # mixed precision, fp32 main copies
+        pairs = [(main, _row_scale(model)) for models, mains in zip(optimizer.float16_groups,
+                                                                      optimizer.fp32_from_float16_groups)
+                 for model, main in zip(models, mains)]
+        pairs += [(p, _row_scale(p)) for group in optimizer.fp32_from_fp32_groups for p in group]
+    else:  # float32: the optimizer steps the model parameters themselves
+        pairs = [(p, _row_scale(p)) for group in optimizer.param_groups for p in group["params"]]
+    return [(main, scale.view(main.shape)) for main, scale in pairs if scale is not None]
+
+
+def count_replicated_rows_once(optimizer) -> None:
+    """Make `optimizer`'s gradient norm (and so its clipping) count replicated rows once."""
+    inner = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for opt in inner:
+        scaled = _main_params_with_scale(opt)
+        if not scaled:
+            continue
+        original = opt.get_grads_for_grad_norm
+
+        def grads_for_norm(*args, _original=original, _scaled=scaled, **kwargs):
+            scale_of = {id(main.grad): scale for main, scale in _scaled if main.grad is not None}
+            return [g * scale_of[id(g)] if id(g) in scale_of else g for g in _original(*args, **kwargs)]
+
+        opt.get_grads_for_grad_norm = grads_for_norm

@@ -1,0 +1,274 @@
+"""FalconH1Module: the LightningModule that trains a Falcon-H1 model with Megatron's schedules.
+
+Lightning owns the loop (steps, validation, callbacks, logging, checkpoint triggers); Megatron
+owns a step: `training_step` receives the data iterator, pulls the global batch's micro-batches
+and hands them to Megatron's forward-backward schedule (no pipeline, 1F1B, or interleaved
+1F1B with virtual stages), then steps Megatron's optimizer and the LR schedule. The model chunks
+are built lazily in `configure_model`, after MegatronStrategy has set up the parallel state, and
+wrapped (bf16, Megatron DDP) by the strategy.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytorch_lightning as pl
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.model import FalconH1Model
+from falcon_h1.training.grad_norm import count_replicated_rows_once
+from falcon_h1.training.optim import LRSchedule, build_optimizer, build_scheduler, falcon_h1_optimizer_config
+
+# Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
+FIRST_STAGE_KEYS = ("tokens", "position_ids")
+LAST_STAGE_KEYS = ("labels", "loss_mask")
+
+
+class MegatronOptimizerAdapter:
+    """Megatron's optimizer behind the interface Lightning expects of an optimizer.
+
+    Lightning counts `trainer.global_step` in optimizer steps taken through its wrapper, saves
+    and restores optimizer state through the strategy, and reads `param_groups` for LR logging;
+    Megatron's optimizer (mixed precision main params, distributed optimizer, grad clipping)
+    does the work.
+    """
+
+    def __init__(self, optimizer):
+        self.megatron_optimizer = optimizer
+        self.defaults: dict = {}
+        self.last_grad_norm: float | None = None
+        self.last_update_successful = True
+
+    @property
+    def param_groups(self):
+        return self.megatron_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.megatron_optimizer.state
+
+    def step(self, closure=None):
+        if closure is not None:
+            closure()
+        successful, grad_norm, _ = self.megatron_optimizer.step()
+        self.last_update_successful, self.last_grad_norm = successful, grad_norm
+        return successful
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.megatron_optimizer.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return self.megatron_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.megatron_optimizer.load_state_dict(state_dict)
+
+
+class FalconH1Module(pl.LightningModule):
+    """Trains a FalconH1Model under MegatronStrategy.
+
+    Args:
+        config: the model configuration; parallel sizes and precision are filled in by the strategy.
+        optimizer: Megatron's OptimizerConfig (default: AdamW 0.9/0.95, clip 1.0, distributed).
+        lr_schedule: warm-up and decay of the learning rate (default: WSD).
+        tokenizer_dir: a Hugging Face tokenizer directory stored with every checkpoint.
+    """
+
+    def __init__(self, config: FalconH1Config, optimizer: OptimizerConfig | None = None,
+                 lr_schedule: LRSchedule | None = None, tokenizer_dir: str | None = None):
+        super().__init__()
+        self.config = config
+        self.optimizer_config = optimizer or falcon_h1_optimizer_config()
+        self.lr_schedule = lr_schedule or LRSchedule()
+        self.tokenizer_dir = tokenizer_dir
+        self.automatic_optimization = False
+        self.chunks: torch.nn.ModuleList | None = None  # one per virtual pipeline stage
+        self.scheduler = None
+
+    # ---------------------------------------------------------------- model
+
+    def configure_model(self) -> None:
+        """Build this rank's model chunks (one per virtual pipeline stage); called once by Lightning
+        after the parallel state exists."""
+        if self.chunks is not None:
+            return
+        vp_size = self.config.virtual_pipeline_model_parallel_size or 1
+        chunks = []
+        for vp_stage in range(vp_size):
+            chunks.append(FalconH1Model(
+                self.config,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage if vp_size > 1 else None,
+            ))
+        self.chunks = torch.nn.ModuleList(chunks)
+
+    def unwrapped_chunks(self) -> list[FalconH1Model]:
+        """The FalconH1Model inside each (bf16, DDP) wrapper."""
+        models = []
+        for chunk in self.chunks:
+            while not isinstance(chunk, FalconH1Model):
+                chunk = chunk.module
+            models.append(chunk)
+        return models
+
+    def forward(self, input_ids, position_ids=None, labels=None):
+        """Single-stage convenience forward (logits, or per-token loss given labels)."""
+        return self.chunks[0](input_ids, position_ids, labels=labels)
+
+    # ---------------------------------------------------------------- optimization
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config)
+        count_replicated_rows_once(optimizer)
+        adapter = MegatronOptimizerAdapter(optimizer)
+        # The schedule sets the LR in the adapter's (i.e. Megatron's) param groups; Lightning wants
+        # it attached to the optimizer object it was given.
+        self.scheduler = build_scheduler(adapter, self.optimizer_config, self.lr_schedule, self.trainer.max_steps)
+        return {"optimizer": adapter,
+                "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step(1)  # Megatron's scheduler counts increments, not epochs
+
+    # ---------------------------------------------------------------- steps
+
+    def training_step(self, dataloader_iter):
+        micro_batches = self._next_global_batch(dataloader_iter)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        losses = self._forward_backward(micro_batches, forward_only=False)
+        optimizer.step()
+        self.scheduler.step(1)
+
+        loss = self._reduce_loss(losses)
+        lr = self.scheduler.get_lr(self.scheduler.optimizer.param_groups[0])
+        self.log("reduced_train_loss", loss, prog_bar=True, batch_size=1)
+        self.log("lr", lr, prog_bar=True, batch_size=1)
+        grad_norm = optimizer.optimizer.last_grad_norm  # the adapter behind Lightning's wrapper
+        if grad_norm is not None:
+            self.log("grad_norm", float(grad_norm), batch_size=1)
+        self.log("consumed_samples", float(self._consumed_samples_after_step()), batch_size=1)
+        return loss
+
+    def validation_step(self, dataloader_iter):
+        micro_batches = self._next_global_batch(dataloader_iter)
+        with torch.no_grad():
+            losses = self._forward_backward(micro_batches, forward_only=True)
+        self._val_sums.append(self._sum_losses(losses))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_sums:
+            return
+        total = torch.stack(self._val_sums).sum(0)
+        val_loss = self._finish_loss(total)
+        self.log("val_loss", val_loss, prog_bar=True, batch_size=1, sync_dist=False)
+        if self.trainer.sanity_checking and self.logger is not None and self.trainer.is_global_zero:
+            # Lightning drops metrics logged during the sanity check; that pass is the validation
+            # before any update, so keep it in the logs as the step-0 (or resumed-step) value.
+            self.logger.log_metrics({"val_loss": float(val_loss)}, step=self.trainer.global_step)
+
+    # ---------------------------------------------------------------- internals
+
+    def _num_microbatches(self) -> int:
+        data = self.trainer.datamodule
+        dp = parallel_state.get_data_parallel_world_size()
+        return data.global_batch_size // (data.micro_batch_size * dp)
+
+    def _consumed_samples_after_step(self) -> int:
+        data = self.trainer.datamodule
+        return self.trainer.global_step * data.global_batch_size  # global_step counts this step already
+
+    def _next_global_batch(self, dataloader_iter) -> list[dict]:
+        """This data-parallel rank's micro-batches of the next global batch. Every pipeline stage
+        reads them (so all ranks stay at the same sample); each stage keeps only what it uses."""
+        batches = []
+        for _ in range(self._num_microbatches()):
+            batch, _, _ = next(dataloader_iter)
+            batches.append(self._stage_batch(batch))
+        return batches
+
+    def _stage_batch(self, batch: dict) -> dict:
+        keys = set()
+        if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+            keys.update(FIRST_STAGE_KEYS)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            keys.update(LAST_STAGE_KEYS)
+        if self.config.virtual_pipeline_model_parallel_size:
+            keys.update(FIRST_STAGE_KEYS + LAST_STAGE_KEYS)  # chunks of both ends may live here
+        device = self._data_device()
+        out = {}
+        for key in keys:
+            tensor = batch[key]
+            cp = parallel_state.get_context_parallel_world_size()
+            if cp > 1:  # each context-parallel rank holds one contiguous chunk of the sequence
+                chunk = tensor.shape[1] // cp
+                rank = parallel_state.get_context_parallel_rank()
+                tensor = tensor[:, rank * chunk:(rank + 1) * chunk]
+            out[key] = tensor.to(device, non_blocking=True)
+        return out
+
+    def _data_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def _forward_backward(self, micro_batches: list[dict], forward_only: bool):
+        data = self.trainer.datamodule
+        chunks = list(self.chunks)
+        if len(chunks) > 1:  # the interleaved schedule reads every micro-batch once per chunk
+            data_iterator = [iter(micro_batches) for _ in chunks]
+        else:
+            data_iterator = iter(micro_batches)
+        seq_length = data.seq_length // parallel_state.get_context_parallel_world_size()
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=data_iterator,
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=data.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    @staticmethod
+    def _forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch.get("tokens"), batch.get("position_ids"), labels=batch.get("labels"))
+        return output, partial(_masked_token_loss, batch.get("loss_mask"))
+
+    def _sum_losses(self, losses) -> torch.Tensor:
+        """[sum of token losses, number of tokens] over this rank's micro-batches (zeros off the last stage)."""
+        total = torch.zeros(2, dtype=torch.float64, device=self._data_device())
+        for item in losses or []:
+            total += item["lm loss"].to(total)
+        return total
+
+    def _finish_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """Mean token loss over the global batch: summed over data- and context-parallel ranks,
+        then sent from the last pipeline stage to the others so every rank logs the same value."""
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).float().cpu()
+
+    def _reduce_loss(self, losses) -> torch.Tensor:
+        return self._finish_loss(self._sum_losses(losses))
+
+
+def _masked_token_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Megatron's per-token loss contract: (sum of losses, number of tokens, values to report).
+    With `calculate_per_token_loss`, Megatron divides the gradients by the global token count."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}

@@ -1,0 +1,123 @@
+"""Optimizer and learning-rate schedule: Megatron's optimizer (distributed or not) and its
+OptimizerParamScheduler, configured from two dataclasses that recipes can hold as data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
+
+
+@dataclass
+class LRSchedule:
+    """Learning rate over optimizer steps: linear warm-up from `init_lr` to the optimizer's `lr`,
+    then `decay_style` down to the optimizer's `min_lr` at `decay_steps` (default: the run's
+    max_steps).
+
+    WSD (warmup-stable-decay, Falcon-H1's schedule) holds `lr` after the warm-up and decays only
+    over the last `wsd_decay_steps` (or `wsd_decay_fraction` of `decay_steps`), exponentially by
+    default as in the Falcon-H1 report (there: to lr / 8).
+    """
+
+    warmup_steps: int = 0
+    decay_style: str = "WSD"
+    decay_steps: int | None = None
+    init_lr: float = 0.0
+    wsd_decay_steps: int | None = None
+    wsd_decay_fraction: float = 0.1
+    wsd_decay_style: str = "exponential"
+
+    def __post_init__(self):
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(f"LRSchedule.decay_style={self.decay_style!r}: choose one of {DECAY_STYLES}")
+        if self.wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"LRSchedule.wsd_decay_style={self.wsd_decay_style!r}: choose one of {WSD_DECAY_STYLES}")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ValueError(f"LRSchedule.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+
+
+def falcon_h1_optimizer_config(lr: float = 3e-4, **overrides) -> OptimizerConfig:
+    """Megatron's OptimizerConfig with Falcon-H1's AdamW settings (betas 0.9/0.95, clip 1.0, the
+    schedule ending at lr / 8). Precision fields (bf16, params_dtype) are filled in from the model
+    config when the optimizer is built."""
+    settings = dict(optimizer="adam", lr=lr, min_lr=lr / 8, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                    adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True)
+    settings.update(overrides)
+    return OptimizerConfig(**settings)
+
+
+def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_config):
+    """Megatron's optimizer over DDP-wrapped model chunks, its precision taken from the model."""
+    optimizer_config = dataclasses.replace(
+        optimizer_config, bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
+        min_lr=optimizer_config.min_lr or 0.0)
+    optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            _keep_step_on_state_load(inner)
+    return optimizer
+
+
+def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:
+    """Two gaps of megatron-core 0.19's distributed-optimizer loading with torch's Adam (used
+    when Apex/TE fused Adam is absent, e.g. on CPU), where each parameter's state holds a `step`:
+    - the fully-reshardable loader expects `step` among each parameter's checkpoint tensors,
+      where it is not (it is stored once, in the param groups, and restored from there): supply
+      the current one so the loader copies the moments and main weights and leaves the step;
+    - the restored step is one tensor shared by all parameters, which torch's foreach Adam then
+      increments once per parameter: give every parameter its own copy.
+    """
+    set_states = optimizer._set_main_param_and_optimizer_states
+    load_state_dict = optimizer.load_state_dict
+
+    def set_states_keeping_step(model_param, tensors):
+        group_index, group_order = optimizer.model_param_group_index_map[model_param]
+        main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
+        step = optimizer.optimizer.state[main_param].get("step")
+        if isinstance(step, torch.Tensor) and "step" not in tensors:
+            tensors = {**tensors, "step": step}
+        set_states(model_param, tensors)
+
+    def load_state_dict_with_own_steps(state_dict):
+        load_state_dict(state_dict)
+        for state in optimizer.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    optimizer._set_main_param_and_optimizer_states = set_states_keeping_step
+    optimizer.load_state_dict = load_state_dict_with_own_steps
+
+
+def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: LRSchedule,
+                    max_steps: int) -> OptimizerParamScheduler:
+    """Megatron's OptimizerParamScheduler for `schedule` over a run of `max_steps` steps."""
+    decay_steps = schedule.decay_steps or max_steps
+    if schedule.warmup_steps >= decay_steps:
+        raise ValueError(f"LRSchedule.warmup_steps={schedule.warmup_steps} must be below the decay horizon "
+                         f"{decay_steps} (LRSchedule.decay_steps or trainer.max_steps)")
+    wsd_steps = None
+    if schedule.decay_style == "WSD":
+        wsd_steps = schedule.wsd_decay_steps or max(1, round(schedule.wsd_decay_fraction * decay_steps))
+        wsd_steps = min(wsd_steps, decay_steps - schedule.warmup_steps)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=schedule.init_lr,
+        max_lr=optimizer_config.lr,
+        min_lr=optimizer_config.min_lr or 0.0,
+        lr_warmup_steps=schedule.warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=schedule.decay_style,
+        start_wd=optimizer_config.weight_decay,
+        end_wd=optimizer_config.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd_steps,
+        lr_wsd_decay_style=schedule.wsd_decay_style,
+    )

@@ -1,0 +1,111 @@
+"""A training run: the Trainer with its strategy and callbacks, and `pretrain(...)`.
+
+Directory of a run (`log_dir`):
+
+    checkpoints/step=NNNNNNN/   sharded checkpoints (see checkpoint_io.py)
+    tensorboard/                TensorBoard event files
+    loss.csv, loss.png          training and validation loss (written at the end of the run)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from falcon_h1.training.callbacks import LossPlot, ProgressPrinter, ThroughputMonitor
+from falcon_h1.training.checkpoint import AutoResume, MegatronCheckpoint
+from falcon_h1.training.precision import MegatronMixedPrecision
+from falcon_h1.training.strategy import MegatronStrategy
+
+
+def default_devices() -> int:
+    """Processes on this node: torchrun's local world size, else 1 (one GPU, or the CPU)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | None = None,
+                  precision: str | None = None, devices: int | None = None, num_nodes: int = 1,
+                  val_check_interval: int = 100, limit_val_batches: int = 4, log_every_n_steps: int = 10,
+                  checkpoint_every_n_steps: int | None = None, keep_last_k: int | None = 2,
+                  save_at_start: bool = False, extra_callbacks: list | None = None) -> pl.Trainer:
+    """A Trainer set up for Megatron training: MegatronStrategy, Megatron precision, progress lines,
+    throughput/MFU, TensorBoard, the loss plot and sharded checkpoints under `log_dir`.
+
+    precision defaults to "bf16-mixed" on GPU and "32" on CPU. Validation runs every
+    `val_check_interval` steps over `limit_val_batches` global batches, and once before the first
+    step (the step-0 validation loss).
+    """
+    on_gpu = torch.cuda.is_available()
+    precision = precision or ("bf16-mixed" if on_gpu else "32")
+    log_dir = Path(log_dir)
+    throughput = ThroughputMonitor()
+    callbacks = [
+        throughput,
+        ProgressPrinter(log_every_n_steps=log_every_n_steps),
+        LossPlot(output_dir=log_dir),
+        MegatronCheckpoint(log_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps,
+                           keep_last_k=keep_last_k, save_at_start=save_at_start),
+        *(extra_callbacks or []),
+    ]
+    return pl.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=devices or default_devices(),
+        num_nodes=num_nodes,
+        strategy=strategy or MegatronStrategy(),
+        plugins=[MegatronMixedPrecision(precision)],
+        max_steps=max_steps,
+        max_epochs=-1,
+        val_check_interval=min(val_check_interval, max_steps),
+        check_val_every_n_epoch=None,
+        limit_val_batches=limit_val_batches,
+        num_sanity_val_steps=limit_val_batches,  # a full validation before the first step
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(str(log_dir), name="tensorboard", version=""),
+        callbacks=callbacks,
+        enable_checkpointing=False,  # MegatronCheckpoint writes the sharded checkpoints
+        enable_progress_bar=False,  # ProgressPrinter's lines work in logs and notebooks alike
+        enable_model_summary=False,
+        use_distributed_sampler=False,  # the data modules sample by data-parallel rank
+    )
+
+
+@dataclass
+class TrainingResult:
+    global_step: int
+    checkpoint: Path | None
+    log_dir: Path
+    loss_plot: Path | None
+    train_loss: float | None
+    val_loss: float | None
+
+
+def checkpoint_callback(trainer: pl.Trainer) -> MegatronCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, MegatronCheckpoint)), None)
+
+
+def pretrain(module, data, trainer: pl.Trainer, resume: AutoResume | None = None) -> TrainingResult:
+    """Train `module` on `data` with `trainer`; resume per `resume` (default: from the latest
+    complete checkpoint of this run's directory, if any)."""
+    resume = resume or AutoResume()
+    resume.validate()
+    checkpointer = checkpoint_callback(trainer)
+    checkpoint_dir = checkpointer.dirpath if checkpointer else None
+    ckpt_path = resume.checkpoint_to_resume(checkpoint_dir) if checkpoint_dir else None
+    if resume.restore_weights_from and ckpt_path is None:
+        trainer.strategy.restore_weights_from = resume.restore_weights_from
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    plot = next((c for c in trainer.callbacks if isinstance(c, LossPlot)), None)
+    metrics = trainer.callback_metrics
+    return TrainingResult(
+        global_step=trainer.global_step,
+        checkpoint=checkpointer.last_checkpoint if checkpointer else None,
+        log_dir=Path(trainer.logger.save_dir) if trainer.logger else Path("."),
+        loss_plot=getattr(plot, "plot_path", None),
+        train_loss=float(metrics["reduced_train_loss"]) if "reduced_train_loss" in metrics else None,
+        val_loss=float(metrics["val_loss"]) if "val_loss" in metrics else None,
+    )

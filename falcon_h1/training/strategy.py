@@ -1,0 +1,340 @@
+"""MegatronStrategy: Megatron Core's parallelism under a pytorch_lightning Trainer.
+
+What it adds to Lightning's DDP strategy (which it reuses for process launch and the process
+group):
+- Megatron's parallel state (TP, PP with virtual stages, CP, DP) and RNG streams, after a check
+  that the world size holds the layout;
+- parallel sizes and precision written into the model config before the model is built;
+- Megatron DDP (fp32 gradient reduction, distributed optimizer buffers) around each model chunk,
+  and the gradient finalization Megatron's schedules call;
+- sharded `torch_dist` checkpoints in the model's canonical layout (so they load at any TP/PP),
+  with the optimizer state, optionally written asynchronously on GPU;
+- a CPU (gloo) debug mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.trainer.states import TrainerFn
+
+from falcon_h1 import cpu_compat
+from falcon_h1.model.config import config_to_hf
+from falcon_h1.model.tensor_parallel import sync_replicated_grads, sync_replicated_params
+from falcon_h1.training import checkpoint_io
+from falcon_h1.training.precision import MegatronMixedPrecision
+
+log = logging.getLogger(__name__)
+
+# The distributed optimizer's state stored per parameter in model space, so it reshards over TP,
+# PP and DP like the weights do.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class MegatronStrategy(DDPStrategy):
+    """Train a FalconH1Module with Megatron Core's parallelism.
+
+    Args:
+        tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size: sizes of
+            the model-parallel groups; data parallelism takes the remaining ranks.
+        virtual_pipeline_model_parallel_size: model chunks per pipeline rank (interleaved 1F1B).
+        sequence_parallel: shard activations outside the mixer/MLP over the TP group.
+        ddp: Megatron DDP settings (default: fp32 gradient reduction, distributed optimizer buffers,
+            overlap of communication on GPU).
+        async_save: write checkpoints in the background (GPU only; saves on CPU are synchronous).
+        restore_weights_from: a checkpoint whose weights (only) initialize the model, e.g. for
+            fine-tuning or to start several layouts from the same weights.
+        seed: base seed of the parameter initialization and of Megatron's RNG streams.
+    """
+
+    strategy_name = "megatron"
+
+    def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                 virtual_pipeline_model_parallel_size: int | None = None, context_parallel_size: int = 1,
+                 sequence_parallel: bool = False, ddp: DistributedDataParallelConfig | None = None,
+                 async_save: bool = False, restore_weights_from: str | None = None, seed: int = 1234, **kwargs):
+        super().__init__(**kwargs)
+        self.tensor_model_parallel_size = tensor_model_parallel_size
+        self.pipeline_model_parallel_size = pipeline_model_parallel_size
+        self.virtual_pipeline_model_parallel_size = virtual_pipeline_model_parallel_size
+        self.context_parallel_size = context_parallel_size
+        self.sequence_parallel = sequence_parallel
+        self.ddp_config = ddp
+        self.async_save = async_save
+        self.restore_weights_from = restore_weights_from
+        self.seed = seed
+        self._async_queue = None
+
+    # ---------------------------------------------------------------- Lightning plumbing
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # weights and optimizer state load into the Megatron-wrapped model
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def connect(self, model) -> None:
+        """Write the parallel layout and precision into the model config (validated again, so a
+        layout the model cannot shard fails here, before any process group exists)."""
+        super().connect(model)
+        overrides = dict(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+            sequence_parallel=self.sequence_parallel and self.tensor_model_parallel_size > 1,
+            calculate_per_token_loss=True,
+        )
+        precision = self._megatron_precision()
+        overrides.update(precision.config_overrides())
+        model.config = dataclasses.replace(model.config, **overrides)
+
+    def _megatron_precision(self) -> MegatronMixedPrecision:
+        plugin = self.precision_plugin
+        if isinstance(plugin, MegatronMixedPrecision):
+            return plugin
+        if type(plugin).__name__ not in ("Precision",):
+            raise ValueError(f"MegatronStrategy handles precision itself; replace the trainer's {type(plugin).__name__} "
+                             "with plugins=[MegatronMixedPrecision('bf16-mixed')] and leave Trainer(precision=...) unset")
+        return MegatronMixedPrecision("32")
+
+    def setup_environment(self) -> None:
+        self._check_world_size()
+        super().setup_environment()  # process group (NCCL on GPU, gloo on CPU)
+        if self.root_device.type == "cpu":
+            cpu_compat.enable()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+        )
+        # Pipeline stages hold different layers: give each its own initialization stream.
+        cpu_compat.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+        trainer = self.lightning_module.trainer
+        # Megatron-style sampling (by data-parallel rank, from consumed_samples) is the data
+        # module's; Lightning's DistributedSampler would shard over all ranks instead.
+        trainer._accelerator_connector.use_distributed_sampler = False
+
+    def _check_world_size(self) -> None:
+        world = self.num_nodes * self.num_processes
+        if world % self.model_parallel_size:
+            raise ValueError(
+                f"{world} processes cannot hold the parallel layout: tensor_model_parallel_size="
+                f"{self.tensor_model_parallel_size} x pipeline_model_parallel_size={self.pipeline_model_parallel_size}"
+                f" x context_parallel_size={self.context_parallel_size} = {self.model_parallel_size} ranks per model "
+                f"replica. Launch a multiple of {self.model_parallel_size} processes (devices x num_nodes) or "
+                "change the layout.")
+
+    def setup(self, trainer) -> None:
+        self.accelerator.setup(trainer)
+        module = self.lightning_module
+        self._check_data(trainer)
+        self._wrap_model(module)
+        if self.restore_weights_from:
+            self.load_weights(self.restore_weights_from)
+        self.model = module
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _check_data(self, trainer) -> None:
+        """Batch sizes the layout can split, sequences CP can split, token ids the model can embed."""
+        data = trainer.datamodule
+        if data is None:
+            return
+        vocab_size = self.lightning_module.config.vocab_size
+        tokenizer = getattr(data, "tokenizer", None)
+        data_vocab = len(tokenizer) if tokenizer is not None else getattr(data, "vocab_size", None)
+        if data_vocab is not None and data_vocab > vocab_size:
+            where = getattr(data, "tokenizer_dir", None) or type(data).__name__
+            raise ValueError(
+                f"the tokenizer ({where}) has {data_vocab} tokens but the model's vocab_size is {vocab_size}: "
+                f"token ids >= {vocab_size} have no embedding. Use the tokenizer the model was made for, or a "
+                f"model config with vocab_size >= {data_vocab}")
+        dp = parallel_state.get_data_parallel_world_size()
+        if data.global_batch_size % (data.micro_batch_size * dp):
+            raise ValueError(
+                f"global_batch_size={data.global_batch_size} is not a multiple of micro_batch_size="
+                f"{data.micro_batch_size} x data-parallel size {dp}; pick a global batch that is")
+        if data.seq_length % self.context_parallel_size:
+            raise ValueError(f"seq_length={data.seq_length} cannot be split over context_parallel_size="
+                             f"{self.context_parallel_size}")
+
+    def _wrap_model(self, module) -> None:
+        """bf16 (Float16Module) and Megatron DDP around each chunk; gradient hooks into the config."""
+        config = module.config
+        on_gpu = self.root_device.type == "cuda"
+        ddp_config = self.ddp_config or DistributedDataParallelConfig(
+            grad_reduce_in_fp32=self._megatron_precision().grad_reduce_in_fp32,
+            overlap_grad_reduce=on_gpu, overlap_param_gather=False,
+            use_distributed_optimizer=module.optimizer_config.use_distributed_optimizer,
+            check_for_nan_in_grad=on_gpu, bucket_size=None if on_gpu else 0)
+        chunks = []
+        for index, chunk in enumerate(module.chunks):
+            if on_gpu:
+                chunk.cuda(torch.cuda.current_device())
+            sync_replicated_params(chunk, parallel_state.get_tensor_model_parallel_group())
+            if config.bf16 or config.fp16:
+                chunk = Float16Module(config, chunk)
+            chunk = DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                            disable_bucketing=index > 0)
+            chunk.broadcast_params()
+            chunks.append(chunk)
+        module.chunks = torch.nn.ModuleList(chunks)
+        config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
+        if ddp_config.overlap_grad_reduce:
+            config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
+        config.finalize_model_grads_func = partial(_finalize_grads, module)
+
+    def model_to_device(self) -> None:
+        pass  # chunks are built on their device and wrapped in setup
+
+    def training_step(self, *args, **kwargs):
+        return self.lightning_module.training_step(*args, **kwargs)
+
+    def validation_step(self, *args, **kwargs):
+        return self.lightning_module.validation_step(*args, **kwargs)
+
+    def teardown(self) -> None:
+        self.finalize_pending_saves(blocking=True)
+        # Keep the model where it is (Lightning's default moves it to CPU, which would detach
+        # Megatron DDP's gradient buffers) so it can be used after fit, e.g. in a notebook.
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _model_sharded_state_dict(self) -> dict:
+        return checkpoint_io.model_sharded_state_dict(self.lightning_module.unwrapped_chunks())
+
+    def lightning_module_state_dict(self) -> dict:
+        return self._model_sharded_state_dict()
+
+    def optimizer_state(self, optimizer) -> dict:
+        return optimizer.megatron_optimizer.sharded_state_dict(
+            self._model_sharded_state_dict(), is_loading=False, metadata=OPTIMIZER_SHARDING)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Write `checkpoint` (Lightning's dict with sharded model and optimizer states inside) to
+        the directory `filepath` under the unfinished marker."""
+        path = Path(filepath)
+        module = self.lightning_module
+        self.finalize_pending_saves(blocking=True)  # one save in flight at a time
+        if self.is_global_zero:
+            checkpoint_io.mark_unfinished(path)
+            if path.exists():  # left by an interrupted save of the same step
+                checkpoint_io.shutil.rmtree(path)
+            (path / checkpoint_io.WEIGHTS_DIR).mkdir(parents=True)
+            data = module.trainer.datamodule
+            run_info = dict(global_step=checkpoint.get("global_step"),
+                            consumed_samples=getattr(data, "consumed_samples_at", lambda s: None)(
+                                checkpoint.get("global_step")),
+                            tensor_model_parallel_size=self.tensor_model_parallel_size,
+                            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+                            context_parallel_size=self.context_parallel_size,
+                            data_parallel_size=parallel_state.get_data_parallel_world_size(),
+                            weights_only="optimizer_states" not in checkpoint,
+                            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
+        self.barrier("checkpoint-dirs")
+        async_save = self.async_save and self.root_device.type == "cuda"
+        request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
+                                          async_sharded_save=async_save)
+        finish = partial(self._finish_save, path)
+        if request is None:
+            finish()
+            return
+        request.add_finalize_fn(finish)
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            self._async_queue = AsyncCallsQueue()
+        self._async_queue.schedule_async_request(request)
+
+    def _finish_save(self, path: Path) -> None:
+        torch.distributed.barrier()
+        if self.is_global_zero:
+            checkpoint_io.mark_finished(path)
+        for callback in self.lightning_module.trainer.callbacks:
+            on_saved = getattr(callback, "on_checkpoint_complete", None)
+            if on_saved is not None:
+                on_saved(path)
+
+    def finalize_pending_saves(self, blocking: bool = False) -> None:
+        """Finish async saves whose writers are done (all of them with blocking=True)."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            checkpoint_io.remove_checkpoint(filepath)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Everything a resumed run needs: model, optimizer and LR schedule, loops, callbacks, data
+        position. Loads at any TP/PP/DP: tensors are matched by their canonical keys."""
+        path = checkpoint_io.check_loadable(checkpoint_path)
+        checkpoint_io.check_same_model(path, config_to_hf(self.lightning_module.config))
+        if checkpoint_io.is_weights_only(path):
+            raise checkpoint_io.CheckpointError(
+                f"checkpoint {path} holds model weights only (no optimizer or data position) and cannot be "
+                "resumed from; start a new run from it with AutoResume(restore_weights_from=...)")
+        model_state = self._model_sharded_state_dict()
+        template = {"state_dict": model_state}
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            for opt in self.optimizers:
+                _allocate_optimizer_state(opt.megatron_optimizer)
+            template["optimizer_states"] = [opt.megatron_optimizer.sharded_state_dict(
+                model_state, is_loading=True, metadata=OPTIMIZER_SHARDING) for opt in self.optimizers]
+        return checkpoint_io.load_sharded(path, template)
+
+    def load_weights(self, checkpoint_path) -> None:
+        """Model weights only (fine-tuning, or several layouts from the same initial weights)."""
+        path = checkpoint_io.load_model_weights(self.lightning_module.unwrapped_chunks(), checkpoint_path)
+        log.info("initialized the model weights from %s", path)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        checkpoint_io.apply_model_state(self.lightning_module.unwrapped_chunks(), checkpoint["state_dict"], strict)
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            optimizer.megatron_optimizer.load_state_dict(state)
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state tensors a checkpoint loads into. Megatron's distributed
+    optimizer describes its state from the torch optimizer's, which is empty (no moments, no
+    step count) until the first step."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in inner:
+        torch_optimizer = opt.optimizer
+        if any(torch_optimizer.state.values()):
+            continue
+        opt.init_state_fn(torch_optimizer, opt.config)
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                torch_optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _finalize_grads(module, model_chunks, num_tokens=None, **kwargs) -> None:
+    """Megatron's gradient finalization (DP reduction, SP norm grads, tied embeddings, per-token
+    scaling), then the sum over TP replicas of the mixer's replicated rows."""
+    finalize_model_grads(model_chunks, num_tokens, **kwargs)
+    group = parallel_state.get_tensor_model_parallel_group()
+    for chunk in module.unwrapped_chunks():
+        sync_replicated_grads(chunk, group)
