@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from falcon_h1.kernels import BACKENDS
-from falcon_h1.model.layout import check_tensor_parallel
+from falcon_h1.model.layout import check_context_parallel, check_tensor_parallel
 
 
 @dataclass
@@ -144,6 +144,7 @@ class FalconH1Config(TransformerConfig):
         if self.ffn_hidden_size is None:
             fail("ffn_hidden_size (HF intermediate_size) must be set")
         check_tensor_parallel(self, self.tensor_model_parallel_size)
+        check_context_parallel(self, self.tensor_model_parallel_size, self.context_parallel_size)
 
     @property
     def d_ssm(self) -> int:

@@ -18,12 +18,18 @@ Splitting rules for TP size T:
 
 Replicated rows must stay identical: their gradients are summed over the replicas
 (see `falcon_h1.model.tensor_parallel`).
+
+Context parallelism (CP size c) does not change which parameters a rank holds; it changes what
+the cores compute. Each CP rank trades its chunk of the sequence for 1/c of its TP rank's heads
+(`context_parallel_layout`): query heads and Mamba heads (z, x, dt) are split; KV heads and SSM
+groups are split when c divides their count, otherwise every CP rank gathers them all and keeps
+the one its heads read.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 ATTENTION_BLOCKS = ("q", "k", "v")
@@ -203,6 +209,81 @@ def mixer_layout(config, tp_size: int, tp_rank: int) -> MixerLayout:
         mamba_heads=m_local, mamba_head_dim=mhd, ssm_groups=g_local, state_dim=state,
         in_proj=tuple(segments), conv=conv, mamba_head_offset=m_offset, ssm_group_replicas=g_replicas,
     )
+
+
+def _context_parallel_problem(config, tp_size: int, cp_size: int) -> str | None:
+    """Why `cp_size` cannot share out the heads of one TP rank, or None if it can."""
+    layout = mixer_layout(config, tp_size, 0)  # every TP rank holds as many heads and groups
+    per_rank = f"per tensor-parallel rank (TP={tp_size})"
+    for count, what in ((layout.attention_heads, "query heads"), (layout.mamba_heads, "Mamba heads")):
+        if count % cp_size:
+            return (f"context_parallel_size={cp_size} does not divide the {count} {what} {per_rank}: "
+                    f"each CP rank computes whole heads over the whole sequence.")
+    for count, what in ((layout.kv_heads, "KV heads"), (layout.ssm_groups, "SSM groups")):
+        if count and count % cp_size and cp_size % count:
+            return (f"context_parallel_size={cp_size} and the {count} {what} {per_rank}: one must divide "
+                    f"the other, so that the {what} are split over CP ranks or each CP rank's heads "
+                    f"read exactly one of them.")
+    return None
+
+
+def check_context_parallel(config, tp_size: int, cp_size: int) -> None:
+    """Raise ValueError naming the problem and the CP sizes that work if `cp_size` cannot share
+    out the heads (call after check_tensor_parallel)."""
+    problem = _context_parallel_problem(config, tp_size, cp_size)
+    if problem:
+        layout = mixer_layout(config, tp_size, 0)
+        heads = math.gcd(layout.attention_heads, layout.mamba_heads)
+        allowed = [c for c in range(1, heads + 1)
+                   if heads % c == 0 and not _context_parallel_problem(config, tp_size, c)]
+        raise ValueError(f"{problem} Context-parallel sizes that work at TP={tp_size}: "
+                         f"{', '.join(map(str, allowed))}.")
+
+
+@dataclass(frozen=True)
+class ContextParallelLayout:
+    """What CP rank `rank` of `size` computes after trading its chunk of the sequence for heads.
+
+    `rows[name]`: the rows of this TP rank's in-projection segment `name` that this CP rank's
+    cores read. Segments in `gathered` have fewer KV heads or SSM groups than CP ranks: they are
+    all-gathered over the sequence and each rank keeps its rows; the others are split over the
+    ranks with one all-to-all. `core` is the layout the attention and Mamba cores run with: this
+    CP rank's heads over the whole sequence, its segments naming their canonical rows.
+    """
+
+    size: int
+    rank: int
+    rows: dict[str, slice]
+    gathered: frozenset[str]
+    core: MixerLayout
+
+
+def context_parallel_layout(config, layout: MixerLayout, cp_size: int, cp_rank: int) -> ContextParallelLayout:
+    """How the heads of one TP rank's `layout` of `config` are shared out over `cp_size` CP ranks."""
+    check_context_parallel(config, layout.tp_size, cp_size)
+    unit = dict(q=layout.head_dim, k=layout.head_dim, v=layout.head_dim, z=layout.mamba_head_dim,
+                x=layout.mamba_head_dim, B=layout.state_dim, C=layout.state_dim, dt=1)
+    rows, gathered, core = {}, set(), {}
+    for seg in layout.in_proj:
+        local, first, replicas, index = _split_or_replicate(seg.rows // unit[seg.name], cp_size, cp_rank)
+        start, size = first * unit[seg.name], local * unit[seg.name]
+        rows[seg.name] = slice(start, start + size)
+        if replicas > 1:
+            gathered.add(seg.name)
+        core[seg.name] = Segment(seg.name, size, seg.canonical_rows, seg.offset + start,
+                                 seg.replicas * replicas, seg.replica_index * replicas + index)
+
+    def count(name: str) -> int:
+        return core[name].rows // unit[name] if name in core else 0
+
+    core_layout = replace(
+        layout, attention_heads=count("q"), kv_heads=count("k"), mamba_heads=count("dt"),
+        ssm_groups=count("B"), in_proj=tuple(core[s.name] for s in layout.in_proj),
+        conv=tuple(core[s.name] for s in layout.conv),
+        mamba_head_offset=layout.mamba_head_offset + (rows["dt"].start if "dt" in rows else 0),
+        ssm_group_replicas=core["B"].replicas if "B" in core else 1,
+    )
+    return ContextParallelLayout(cp_size, cp_rank, rows, frozenset(gathered), core_layout)
 
 
 def main(argv=None) -> None:

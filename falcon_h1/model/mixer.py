@@ -8,7 +8,8 @@
 One fused in-projection and one fused out-projection compute the same function as Hugging Face's
 separate q/k/v/o and mamba in/out projections, with half the GEMM launches and, under tensor and
 sequence parallelism, one all-gather in and one reduce-scatter out per layer. Which rows and
-columns each TP rank holds is defined in layout.py; docs/architecture.md draws it.
+columns each TP rank holds is defined in layout.py; docs/architecture.md draws it. Under context
+parallelism the cores run on the whole sequence for a share of the heads (context_parallel.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from megatron.core.utils import (
 )
 
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
-from falcon_h1.model.layout import Segment, mixer_layout
+from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
+from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
 from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
 from falcon_h1.model.utils import param_device
 
@@ -57,9 +59,19 @@ class HybridMixer(MegatronModule):
         self.layer_number = layer_number
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        self.tp_group = pg_collection.tp
+        self.tp_group, self.cp_group = pg_collection.tp, pg_collection.cp
         tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        cp_size = get_pg_size(self.cp_group)
+        # `layout`: the parameters this rank holds; `core`: the heads its cores compute.
         self.layout = layout = mixer_layout(config, tp_size, tp_rank)
+        self.cp = None
+        self.core = layout
+        if cp_size > 1:
+            self.cp = context_parallel_layout(config, layout, cp_size, get_pg_rank(self.cp_group))
+            self.core = self.cp.core
+        # The gated norm's statistics of a group spread over ranks are summed over TP (x CP).
+        self.norm_group = pg_collection.tp_cp if cp_size > 1 else self.tp_group
+        core = self.core
         device, dtype = param_device(config), config.params_dtype
 
         def parameter(tensor: torch.Tensor, tensor_parallel_rows: bool = True) -> torch.nn.Parameter:
@@ -89,9 +101,11 @@ class HybridMixer(MegatronModule):
 
         if layout.attention_heads:
             core_config = copy.copy(config)
-            # The core sees the heads this rank computes, whatever the split (layout.py).
-            core_config.num_attention_heads = layout.attention_heads * tp_size
-            core_config.num_query_groups = layout.kv_heads * tp_size
+            # The core sees the heads this rank computes, whatever the split (layout.py), and the
+            # whole sequence: context parallelism is done here, not inside the core.
+            core_config.num_attention_heads = core.attention_heads * tp_size
+            core_config.num_query_groups = core.kv_heads * tp_size
+            core_config.context_parallel_size = 1
             self.core_attention = build_module(
                 submodules.core_attention, config=core_config, layer_number=layer_number,
                 attn_mask_type=AttnMaskType.causal, attention_type="self",
@@ -115,6 +129,14 @@ class HybridMixer(MegatronModule):
             self.dt_bias = parameter(dt_bias)
             self.D = parameter(torch.ones(heads))
             self.norm_weight = parameter(torch.ones(layout.d_ssm)) if config.mamba_rms_norm else None
+            if self.cp is not None:
+                # Conv channels of this CP rank's x rows and B, C groups, among the [x B C] channels.
+                start, index = 0, []
+                for seg in layout.conv:
+                    rows = self.cp.rows[seg.name]
+                    index.append(torch.arange(start + rows.start, start + rows.stop))
+                    start += seg.rows
+                self.register_buffer("cp_conv_channels", torch.cat(index).to(device), persistent=False)
 
         self.out_proj = build_module(
             submodules.out_proj, layout.out_proj_cols * tp_size, config.hidden_size, config=config,
@@ -164,24 +186,30 @@ class HybridMixer(MegatronModule):
     def forward(self, hidden_states, attention_mask=None, inference_context=None, rotary_pos_emb=None,
                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 packed_seq_params=None, sequence_len_offset=None, **unused):
-        """hidden_states [s, b, h] (s / TP under sequence parallelism) -> (out [s, b, h], bias)."""
+        """hidden_states [s, b, h] (s / TP under sequence parallelism, s = this rank's chunk of the
+        sequence under context parallelism) -> (out [s, b, h], bias). rotary_pos_emb covers the
+        whole sequence."""
         if inference_context is not None:
             raise NotImplementedError("HybridMixer has no inference cache yet")
-        layout = self.layout
+        core = self.core
         proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
         proj = proj * self.in_proj_scale.to(proj.dtype)
         in_bias = self._in_proj_bias()
         if in_bias is not None:
             proj = proj + (in_bias * self.in_proj_bias_scale).to(proj.dtype)
+        if self.cp is not None:
+            proj = sequence_to_heads(proj, self.layout.in_proj, self.cp, self.cp_group)
 
-        attn_proj, ssm_proj = proj[..., :layout.attention_rows], proj[..., layout.attention_rows:]
+        attn_proj, ssm_proj = proj[..., :core.attention_rows], proj[..., core.attention_rows:]
         streams = []
-        if layout.attention_heads:
+        if core.attention_heads:
             attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
             streams.append(attn * self.config.attention_out_multiplier)
-        if layout.mamba_heads:
+        if core.mamba_heads:
             streams.append(self._ssm(ssm_proj) * self.config.ssm_out_multiplier)
         mixed = torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
+        if self.cp is not None:
+            mixed = heads_to_sequence(mixed, (core.attention_out_cols, core.d_ssm), self.cp_group)
         out, _ = self.out_proj(mixed)
         return out, self._out_bias()
 
@@ -204,7 +232,7 @@ class HybridMixer(MegatronModule):
         return bias
 
     def _attention(self, proj, rotary_pos_emb, attention_mask, packed_seq_params):
-        layout = self.layout
+        layout = self.core
         s, b = proj.shape[:2]
         hd = layout.head_dim
         q_rows, kv_rows = layout.attention_heads * hd, layout.kv_heads * hd
@@ -223,38 +251,50 @@ class HybridMixer(MegatronModule):
         return out
 
     def _ssm(self, proj):
-        layout, config = self.layout, self.config
+        layout, config = self.core, self.config
         s, b = proj.shape[:2]
         heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
         d = layout.d_ssm
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
+        conv_weight, conv_bias, A_log, D, dt_bias, norm_weight = self._core_mamba_params()
 
-        xBC = causal_conv1d(xBC.permute(1, 2, 0), self.conv1d.weight, self.conv1d.bias,
+        xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias,
                             backend=config.kernel_backend)  # [b, channels, s]
         x, B, C = xBC.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
         y = ssd_scan(
-            x.reshape(b, s, heads, p), dt.transpose(0, 1), -torch.exp(self.A_log.float()),
+            x.reshape(b, s, heads, p), dt.transpose(0, 1), -torch.exp(A_log.float()),
             B.reshape(b, s, groups, n), C.reshape(b, s, groups, n),
-            chunk_size=config.mamba_chunk_size, D=self.D, dt_bias=self.dt_bias,
+            chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
             dt_limit=config.mamba_time_step_limit, backend=config.kernel_backend,
         ).reshape(b, s, d)
 
         z = z.transpose(0, 1)
-        if self.norm_weight is None:
+        if norm_weight is None:
             y = y * F.silu(z)
         else:
             group_size = config.d_ssm // config.mamba_num_groups
             sum_squares = None
             if layout.ssm_group_replicas > 1:
-                group = self.layout.segment("B").offset // n
+                group = layout.segment("B").offset // n
 
                 def sum_squares(local):
-                    return group_sum_across_ranks(local, group, config.mamba_num_groups, self.tp_group)
+                    return group_sum_across_ranks(local, group, config.mamba_num_groups, self.norm_group)
 
-            y = gated_rms_norm(y, z, self.norm_weight, eps=config.layernorm_epsilon, group_size=group_size,
+            y = gated_rms_norm(y, z, norm_weight, eps=config.layernorm_epsilon, group_size=group_size,
                                norm_before_gate=config.mamba_norm_before_gate,
                                sum_squares_across_ranks=sum_squares, backend=config.kernel_backend)
         return y.transpose(0, 1)
+
+    def _core_mamba_params(self):
+        """(conv weight, conv bias, A_log, D, dt_bias, norm weight) of the heads the cores compute:
+        the parameters themselves without context parallelism, this CP rank's rows of them with it
+        (their gradients are then summed over CP like every parameter's, by Megatron's DDP)."""
+        params = (self.conv1d.weight, self.conv1d.bias, self.A_log, self.D, self.dt_bias, self.norm_weight)
+        if self.cp is None:
+            return params
+        heads, channels = self.cp.rows["dt"], self.cp.rows["z"]
+        rows = (self.cp_conv_channels, self.cp_conv_channels, heads, heads, heads, channels)
+        return tuple(None if param is None else param[index] for param, index in zip(params, rows))
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -110,7 +110,10 @@ class FalconH1Model(LanguageModule):
         """input_ids [b, s] -> logits [b, s, vocab] or, with labels [b, s], per-token loss [b, s].
 
         On a pipeline stage without the output layer, returns the hidden states [s, b, h].
+        Under context parallelism (size c) input_ids, labels and the output are this rank's
+        contiguous chunk of the sequence (CP rank r: tokens r s/c .. (r+1) s/c - 1).
         The causal mask is built in; `attention_mask` is passed through to the attention core.
+        RoPE positions are 0 .. s-1 of the whole sequence; `position_ids` is not read.
         """
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)
@@ -122,9 +125,9 @@ class FalconH1Model(LanguageModule):
             seq_len = local.size(0)
             if self.config.sequence_parallel:
                 seq_len *= get_pg_size(self.pg_collection.tp)
-            if self.config.context_parallel_size > 1:
-                seq_len *= self.config.context_parallel_size
-            rotary_pos_emb = self.rotary_pos_emb(seq_len, local.device, cp_group=self.pg_collection.cp)
+            # The mixer applies RoPE after trading sequence chunks for heads: whole-sequence angles.
+            seq_len *= get_pg_size(self.pg_collection.cp)
+            rotary_pos_emb = self.rotary_pos_emb(seq_len, local.device)
 
         hidden_states = self.decoder(
             hidden_states=decoder_input,
