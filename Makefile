@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make run    the main job: set up, then the model self-check against transformers
+#   make run    the main job: set up, then train the tiny model on the bundled corpus
 #   make test   set up, then the CPU test suite (what CI runs)
 # Python 3.12: a pyenv-installed 3.12 if there is one (pyenv's shim refuses versions not selected), else python3.12.
 PYTHON ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12))),python3.12)
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) -m falcon_h1.selfcheck
+	$(PY) -m falcon_h1.train
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

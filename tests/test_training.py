@@ -60,13 +60,21 @@ def samples(record: Path) -> list[list[int]]:
     return [json.loads(line)["indices"] for line in (record / "samples-rank0.jsonl").read_text().splitlines()]
 
 
+def reference_run(root: Path, *args: str) -> Path:
+    """An uninterrupted 12-step run, with a checkpoint of its initial weights."""
+    run_single("--log-dir", str(root / "run"), "--record", str(root / "record"), "--max-steps", "12",
+               "--save-at-start", *args)
+    return root
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 12-step run, with a checkpoint of its initial weights."""
-    root = tmp_path_factory.mktemp("reference")
-    run_single("--log-dir", str(root / "run"), "--record", str(root / "record"), "--max-steps", "12",
-               "--save-at-start")
-    return root
+    return reference_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def reference_4_layers(tmp_path_factory):
+    return reference_run(tmp_path_factory.mktemp("reference4"), "--num-layers", "4")
 
 
 def test_resume_after_sigkill_repeats_no_sample_and_reproduces_the_losses(reference, tmp_path):
@@ -113,14 +121,22 @@ def test_run_killed_during_a_save_resumes_from_the_previous_good_checkpoint(refe
 LAYOUT_TOLERANCE = 2e-4
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2", "--sp"], ["--pp", "2"], []], ids=["tp2-sp", "pp2", "dp2"])
-def test_parallel_layouts_track_the_single_process_loss(reference, tmp_path, layout):
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sp"], ["--pp", "2"], ["--pp", "2", "--vpp", "2"], ["--cp", "2"], []],
+                         ids=["tp2-sp", "pp2", "pp2-vpp2", "cp2", "dp2"])
+def test_parallel_layouts_track_the_single_process_loss(request, tmp_path, layout):
+    # Interleaved 1F1B needs layers for 2 stages x 2 virtual stages.
+    reference = request.getfixturevalue("reference_4_layers" if "--vpp" in layout else "reference")
+    layers = ["--num-layers", "4"] if "--vpp" in layout else []
     initial = reference / "run" / "checkpoints" / "step=0000000"
     torchrun(TRAIN, 2, "--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"),
-             "--max-steps", "12", "--restore-weights-from", str(initial), *layout)
+             "--max-steps", "12", "--restore-weights-from", str(initial), *layers, *layout)
     got, expected = steps(tmp_path / "record"), steps(reference / "record")
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 13)]
     assert max(errors) <= LAYOUT_TOLERANCE, errors
+    # Gradient norms (and so clipping) agree too: rows TP replicates (the SSM group's B/C here)
+    # count once, as at TP = 1.
+    for s in range(1, 13):
+        assert abs(got[s]["grad_norm"] - expected[s]["grad_norm"]) <= 1e-3 * expected[s]["grad_norm"], s
     if not layout:  # data parallel: the two ranks read disjoint halves of every global batch
         ranks = [[json.loads(line) for line in (tmp_path / "record" / f"samples-rank{r}.jsonl").read_text().splitlines()]
                  for r in range(2)]

@@ -84,7 +84,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # The size in each preset's name, in parameters.
-NOMINAL_SIZES = {"tiny": 3.4e6, "tiny-90m": 90e6, "0.5b": 0.5e9, "1.5b": 1.5e9, "1.5b-deep": 1.5e9, "3b": 3e9,
+NOMINAL_SIZES = {"tiny": 4.3e6, "tiny-90m": 90e6, "0.5b": 0.5e9, "1.5b": 1.5e9, "1.5b-deep": 1.5e9, "3b": 3e9,
                  "7b": 7e9, "34b": 34e9}
 
 

@@ -100,6 +100,15 @@ class MegatronStrategy(DDPStrategy):
             sequence_parallel=self.sequence_parallel and self.tensor_model_parallel_size > 1,
             calculate_per_token_loss=True,
         )
+        if (model.config.microbatch_group_size_per_vp_stage or 0) < self.pipeline_model_parallel_size:
+            # Megatron derives it from the pipeline size when a config is made; this one was made at PP=1.
+            overrides["microbatch_group_size_per_vp_stage"] = self.pipeline_model_parallel_size
+        if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size == 2:
+            # With two stages the previous and next stage are the same rank, and a batched exchange
+            # issues (send gradient, send activation) while the peer posts (receive activation,
+            # receive gradient): matched in order, they would swap. Unbatched isend/irecv are
+            # ordered by rank parity and match.
+            overrides["batch_p2p_comm"] = False
         precision = self._megatron_precision()
         overrides.update(precision.config_overrides())
         model.config = dataclasses.replace(model.config, **overrides)
