@@ -1,8 +1,10 @@
 """Shared fixtures. Tests run on CPU (CI has no GPU); GPU tests are marked `gpu`."""
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +26,25 @@ def single_rank():
     yield
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
+
+
+def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) -> tuple[int, str]:
+    """Run `cmd` in its own session and return (exit code, output). Output goes through a file,
+    not a pipe, and the whole session is killed afterwards: a SIGKILLed trainer leaves
+    checkpoint-writer helper processes behind that would otherwise hold a pipe open."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        output.seek(0)
+        return code, output.read()
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

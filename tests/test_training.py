@@ -10,39 +10,24 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO, run_in_session, torchrun
 
 TRAIN = "tests/distributed/train_tiny.py"
 GLOBAL_BATCH = 8
 
 
 def run_single(*args: str, killed: bool = False, timeout: int = 600) -> str:
-    """Run the training script in its own session; return its output. Output goes through a file,
-    not a pipe: a SIGKILLed trainer leaves checkpoint-writer helper processes holding its pipes,
-    which the session kill below then cleans up."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen([sys.executable, str(REPO / TRAIN), *args], stdout=output, stderr=subprocess.STDOUT,
-                                env=env, cwd=REPO, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        output.seek(0)
-        text = output.read()
+    """Run the training script in one process; return its output."""
+    code, text = run_in_session([sys.executable, str(REPO / TRAIN), *args], timeout)
     if killed:
-        assert returncode == -signal.SIGKILL, f"expected SIGKILL, got {returncode}:\n{text[-4000:]}"
-    elif returncode != 0:
-        pytest.fail(f"{TRAIN} {' '.join(args)} failed ({returncode}):\n{text[-8000:]}")
+        assert code == -signal.SIGKILL, f"expected SIGKILL, got {code}:\n{text[-4000:]}"
+    elif code != 0:
+        pytest.fail(f"{TRAIN} {' '.join(args)} failed ({code}):\n{text[-8000:]}")
     return text
 
 
@@ -113,6 +98,21 @@ def test_run_killed_during_a_save_resumes_from_the_previous_good_checkpoint(refe
         assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
     assert not (checkpoints / "step=0000008-unfinished").exists()  # step 8 was saved again, completely
     assert (checkpoints / "step=0000008" / "weights" / "metadata.json").exists()
+
+
+def test_async_saves_resume_exactly(reference, tmp_path):
+    """Checkpoints written in the background: a kill while one may still be in flight resumes from
+    the latest one that finished, with the same losses."""
+    common = ["--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"), "--max-steps", "12",
+              "--checkpoint-every", "4", "--async-save"]
+    run_single(*common, "--kill-at-step", "9", killed=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "step=0000004" / "weights" / "metadata.json").exists()
+    run_single(*common)
+    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    for step in range(1, 13):
+        assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
+    assert not list(checkpoints.glob("*-unfinished"))
 
 
 # Loss of each parallel layout vs one process over 12 float32 steps from the same initial weights.

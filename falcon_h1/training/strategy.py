@@ -8,13 +8,14 @@ group):
 - Megatron DDP (fp32 gradient reduction, distributed optimizer buffers) around each model chunk,
   and the gradient finalization Megatron's schedules call;
 - sharded `torch_dist` checkpoints in the model's canonical layout (so they load at any TP/PP),
-  with the optimizer state, optionally written asynchronously on GPU;
+  with the optimizer state, optionally written by a background process;
 - a CPU (gloo) debug mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from functools import partial
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 # The distributed optimizer's state stored per parameter in model space, so it reshards over TP,
 # PP and DP like the weights do.
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Background checkpoint writers: NVIDIA Resiliency Extension's when installed, else Megatron's own.
+_ASYNC_STRATEGY = "nvrx" if importlib.util.find_spec("nvidia_resiliency_ext") else "mcore"
 
 
 class MegatronStrategy(DDPStrategy):
@@ -50,7 +53,7 @@ class MegatronStrategy(DDPStrategy):
         sequence_parallel: shard activations outside the mixer/MLP over the TP group.
         ddp: Megatron DDP settings (default: fp32 gradient reduction, distributed optimizer buffers,
             overlap of communication on GPU).
-        async_save: write checkpoints in the background (GPU only; saves on CPU are synchronous).
+        async_save: write checkpoints in a background process while training goes on.
         restore_weights_from: a checkpoint whose weights (only) initialize the model, e.g. for
             fine-tuning or to start several layouts from the same weights.
         seed: base seed of the parameter initialization and of Megatron's RNG streams.
@@ -263,9 +266,8 @@ class MegatronStrategy(DDPStrategy):
                             saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
         self.barrier("checkpoint-dirs")
-        async_save = self.async_save and self.root_device.type == "cuda"
         request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
-                                          async_sharded_save=async_save)
+                                          async_sharded_save=self.async_save, async_strategy=_ASYNC_STRATEGY)
         finish = partial(self._finish_save, path)
         if request is None:
             finish()

@@ -1,6 +1,6 @@
 """A small training run for the training tests, alone or under torchrun (gloo).
 
-Trains a 2-layer Falcon-H1 (the `tiny` preset, narrowed) in float32 on the bundled corpus, with
+Trains a 2-layer Falcon-H1 (the `tiny` preset, shallower) in float32 on the bundled corpus, with
 the real strategy, data module, checkpoints and resume, and records for the test:
   --record DIR   steps.jsonl (rank 0: step, loss, consumed_samples, per step; appended, so a
                  resumed run adds its steps) and samples-rank{r}.jsonl (the training sample
@@ -41,6 +41,10 @@ def parse_args():
     parser.add_argument("--global-batch-size", type=int, default=8)
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--model", default="{}", help="JSON overrides of the model config")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
+    parser.add_argument("--kernel-backend", default="torch", choices=["torch", "auto", "gpu"])
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--data", help="dataset prefix (default: the bundled corpus)")
     parser.add_argument("--tokenizer")
     return parser.parse_args()
@@ -110,7 +114,7 @@ def main():
 
         dist_checkpointing.save = save_then_die
 
-    overrides = dict(num_layers=args.num_layers, kernel_backend="torch")
+    overrides = dict(num_layers=args.num_layers, kernel_backend=args.kernel_backend)
     overrides.update(json.loads(args.model))
     config = preset_config("tiny", **overrides)
     if args.data:
@@ -121,13 +125,13 @@ def main():
     data = PreTrainingDataModule(prefix, tokenizer_dir, seq_length=args.seq_length,
                                  micro_batch_size=args.micro_batch_size,
                                  global_batch_size=args.global_batch_size, split="98,2,0")
-    module = FalconH1Module(config, falcon_h1_optimizer_config(lr=3e-3),
+    module = FalconH1Module(config, falcon_h1_optimizer_config(lr=args.lr),
                             LRSchedule(warmup_steps=2, decay_style="WSD", wsd_decay_fraction=0.5),
                             tokenizer_dir=tokenizer_dir)
     strategy = MegatronStrategy(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                 virtual_pipeline_model_parallel_size=args.vpp, context_parallel_size=args.cp,
-                                sequence_parallel=args.sp)
-    trainer = build_trainer(args.log_dir, args.max_steps, strategy, precision="32",
+                                sequence_parallel=args.sp, async_save=args.async_save)
+    trainer = build_trainer(args.log_dir, args.max_steps, strategy, precision=args.precision,
                             val_check_interval=args.max_steps, limit_val_batches=2, log_every_n_steps=100,
                             checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=None,
                             save_at_start=args.save_at_start, extra_callbacks=[Record()])

@@ -1,0 +1,93 @@
+"""Forward loss of one model at TP=1 vs TP=2 and CP=2, float32 and bf16, on 2 GPUs (NCCL).
+
+The same weights (a transformers Falcon-H1 with randomized parameters, mapped to each rank) and
+tokens; per-token loss summed over the sequence. Float32 pins the layouts' logic; bf16 compares
+each layout's rounding against TP=1's. The test launches the probe itself (torchrun for 2 GPUs):
+`bash tests/gpu/run.sh OUT tests/gpu/test_gpu_layout_forward.py`.
+
+Seen on 2x H200 (torch 2.11, 2026-11-27): float32 agrees to 2e-6 at CP=2, but in bf16 CP=2 is
+0.5% off TP=1 while TP=1 bf16 is 0.04% off float32, with either kernel backend - a bf16-only,
+layout-dependent error under investigation (CPU bf16 agrees exactly). This test pins it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+
+PROBE = r'''
+import json, os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, torch.distributed as dist
+from megatron.core import parallel_state
+from falcon_h1 import cpu_compat
+from falcon_h1.convert.mapping import hf_to_local
+from falcon_h1.model.config import config_to_hf
+from falcon_h1.model.model import FalconH1Model
+from falcon_h1.model.presets import preset_config
+from falcon_h1.parity import hf_falcon_h1, randomize_parameters
+
+mode = sys.argv[1]
+single = "RANK" not in os.environ
+if single:
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", LOCAL_RANK="0")
+dist.init_process_group("nccl")
+torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+size = dist.get_world_size()
+tp, cp = (size, 1) if mode == "tp" else (1, size)
+parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+cpu_compat.model_parallel_manual_seed(1)
+tokens = torch.randint(0, 4096, (2, 512), generator=torch.Generator().manual_seed(0)).cuda()
+labels = torch.roll(tokens, -1, 1)
+rank = dist.get_rank()
+chunk = slice(rank * 512 // cp, (rank + 1) * 512 // cp) if cp > 1 else slice(None)
+results = {}
+for backend in ("auto", "torch"):
+    for dtype in (torch.float32, torch.bfloat16):
+        config = preset_config("tiny", num_layers=4, tensor_model_parallel_size=tp, context_parallel_size=cp,
+                               kernel_backend=backend, use_cpu_initialization=True)
+        hf_module = hf_falcon_h1()
+        hf = hf_module.FalconH1ForCausalLM(hf_module.FalconH1Config(**config_to_hf(config)))
+        randomize_parameters(hf, 0)
+        model = FalconH1Model(config)
+        model.load_state_dict(hf_to_local(dict(hf.state_dict()), config, rank if tp > 1 else 0, tp))
+        model = model.cuda().to(dtype)
+        with torch.no_grad():
+            loss = model(tokens[:, chunk], labels=labels[:, chunk]).float().sum()
+        if cp > 1:
+            dist.all_reduce(loss)
+        results[f"{backend}-{str(dtype)[6:]}"] = float(loss) / labels.numel()
+if rank == 0:
+    print("RESULT " + json.dumps(results), flush=True)
+dist.destroy_process_group()
+'''
+
+
+def probe(mode: str, nproc: int, tmp_path) -> dict:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env.pop("TRITON_F32_DEFAULT", None)
+    cmd = [sys.executable, str(script), mode] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script), mode]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("mode", ["tp", "cp"])
+def test_layout_forward_matches_tp1(tmp_path, mode):
+    one = probe("tp", 1, tmp_path)
+    two = probe(mode, 2, tmp_path)
+    print(mode, json.dumps({"tp1": one, f"{mode}2": two}))
+    for key, value in one.items():
+        tolerance = 1e-5 if "float32" in key else 2e-3  # bf16: TP=1's own distance from float32 is 4e-4
+        assert abs(two[key] - value) <= tolerance * abs(value), (key, two[key], value)

@@ -1,0 +1,113 @@
+"""The pieces of a training step that have their own contract: the sampler, the LR schedule,
+the gradient norm with TP-replicated rows, the checkpoint directory rules."""
+
+import math
+
+import pytest
+import torch
+
+from falcon_h1.data.sampler import MegatronPretrainingSampler
+from falcon_h1.training import checkpoint_io
+from falcon_h1.training.optim import LRSchedule, build_scheduler, falcon_h1_optimizer_config
+
+
+def test_sampler_splits_each_global_batch_over_data_parallel_ranks_and_resumes_mid_run():
+    def read(rank, consumed):
+        return list(MegatronPretrainingSampler(48, consumed, micro_batch_size=2, data_parallel_rank=rank,
+                                               data_parallel_size=3))
+
+    full = [read(r, 0) for r in range(3)]
+    assert full[0][:2] == [[0, 1], [6, 7]] and full[2][0] == [4, 5]
+    assert sorted(i for rank in full for batch in rank for i in batch) == list(range(48))
+    # Resuming at 24 consumed samples reads exactly the rest.
+    assert [read(r, 24) for r in range(3)] == [rank[4:] for rank in full]
+    assert len(MegatronPretrainingSampler(48, 24, 2, 0, 3)) == 4
+    with pytest.raises(ValueError, match="exceeds the 48 samples"):
+        MegatronPretrainingSampler(48, 50, 2, 0, 3)
+
+
+class _Groups:
+    def __init__(self):
+        self.param_groups = [{"params": []}]
+
+
+def lr_curve(schedule, steps=100, lr=1e-3):
+    config = falcon_h1_optimizer_config(lr=lr)
+    scheduler = build_scheduler(_Groups(), config, schedule, steps)
+    curve = []
+    for _ in range(steps):
+        curve.append(scheduler.get_lr(scheduler.optimizer.param_groups[0]))
+        scheduler.step(1)
+    return curve, config
+
+
+def test_wsd_warms_up_holds_then_decays_exponentially_to_lr_over_8():
+    curve, config = lr_curve(LRSchedule(warmup_steps=10, decay_style="WSD", wsd_decay_fraction=0.2))
+    assert curve[0] == 0.0 and curve[5] == pytest.approx(5e-4)
+    assert all(v == pytest.approx(1e-3) for v in curve[10:80])  # stable phase
+    assert curve[99] < curve[90] < curve[81] < 1e-3  # decay over the last 20%
+    assert config.min_lr == pytest.approx(1e-3 / 8)
+    assert curve[-1] == pytest.approx(1e-3 / 8 + (1e-3 - 1e-3 / 8) * (2 * 0.5 ** (19 / 20) - 1))
+
+
+def test_cosine_decays_from_the_peak_to_min_lr():
+    curve, config = lr_curve(LRSchedule(warmup_steps=0, decay_style="cosine"))
+    assert curve[0] == pytest.approx(1e-3)
+    assert curve[50] == pytest.approx(config.min_lr + 0.5 * (1e-3 - config.min_lr) * (1 + math.cos(math.pi / 2)))
+
+
+def test_schedule_refuses_a_warmup_past_the_decay_horizon():
+    with pytest.raises(ValueError, match="warmup_steps=100 must be below"):
+        lr_curve(LRSchedule(warmup_steps=100))
+    with pytest.raises(ValueError, match="decay_style='step'"):
+        LRSchedule(decay_style="step")
+
+
+def test_replicated_rows_count_once_in_the_gradient_norm(single_rank):
+    """Rows marked as held by r tensor-parallel ranks add 1/r of their squares to the norm."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.model.layout import Segment
+    from falcon_h1.model.tensor_parallel import REPLICATED_ROWS_ATTR
+    from falcon_h1.training.grad_norm import count_replicated_rows_once
+    from falcon_h1.training.optim import build_optimizer
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(6, 4))
+            self.weight.tensor_model_parallel = True
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
+    for distributed in (True, False):
+        module = Tiny()
+        # Rows 2..5 are (as if) held by 4 ranks each.
+        segment = Segment(name="B", rows=4, canonical_rows=4, offset=0, replicas=4)
+        setattr(module.weight, REPLICATED_ROWS_ATTR, [(2, segment)])
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+            use_distributed_optimizer=distributed, bucket_size=0), module)
+        optimizer = build_optimizer(falcon_h1_optimizer_config(use_distributed_optimizer=distributed), [ddp], config)
+        count_replicated_rows_once(optimizer)
+        grad = torch.arange(24, dtype=torch.float32).view(6, 4)
+        module.weight.main_grad.copy_(grad)
+        optimizer.prepare_grads()
+        expected = math.sqrt(float((grad[:2] ** 2).sum() + (grad[2:] ** 2).sum() / 4))
+        assert optimizer.get_grad_norm() == pytest.approx(expected, rel=1e-6), distributed
+
+
+def test_checkpoint_directory_rules(tmp_path):
+    for step in (5, 10, 15):
+        weights = tmp_path / checkpoint_io.checkpoint_name(step) / checkpoint_io.WEIGHTS_DIR
+        weights.mkdir(parents=True)
+        (weights / "metadata.json").write_text("{}")
+    checkpoint_io.mark_unfinished(tmp_path / "step=0000015")  # a save that never finished
+    assert [p.name for p in checkpoint_io.complete_checkpoints(tmp_path)] == ["step=0000005", "step=0000010"]
+    assert checkpoint_io.latest_checkpoint(tmp_path).name == "step=0000010"
+    with pytest.raises(checkpoint_io.CheckpointError, match="unfinished"):
+        checkpoint_io.check_loadable(tmp_path / "step=0000015")
+    with pytest.raises(checkpoint_io.CheckpointError, match="does not exist"):
+        checkpoint_io.check_loadable(tmp_path / "step=0000099")
+    checkpoint_io.remove_checkpoint(tmp_path / "step=0000005")
+    assert not (tmp_path / "step=0000005").exists()
+    assert not checkpoint_io.unfinished_marker(tmp_path / "step=0000005").exists()
