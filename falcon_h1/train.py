@@ -10,6 +10,7 @@ runs this same command (e.g. `torchrun --nproc-per-node 2 -m falcon_h1.train --t
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -57,9 +58,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def quiet_library_chatter() -> None:
+    """The command's output is its progress lines; silence notices users cannot act on."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|full scope|weights_only|dataloader_iter"
+                                              "|sync_dist|LeafSpec|MimoModelConfig|Could not determine rank"
+                                              "|The .grad attribute of a Tensor that is not a leaf).*")
+    for name in ("megatron.core.distributed.distributed_data_parallel",  # layout auto-computed: fine
+                 "megatron.core.dist_checkpointing.strategies.torch"):  # Megatron's async writer: intended
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|full scope|weights_only).*")
+    quiet_library_chatter()
     from falcon_h1.training.checkpoint_io import CheckpointError
 
     try:

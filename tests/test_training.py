@@ -144,6 +144,19 @@ def test_parallel_layouts_track_the_single_process_loss(request, tmp_path, layou
         assert read == list(range(12 * GLOBAL_BATCH))
 
 
+def test_a_run_resumes_at_another_layout(reference, tmp_path):
+    """Weights, optimizer moments and main weights, schedule and data position written by one
+    process continue under TP=2 + SP: the checkpoint holds everything in the canonical layout."""
+    common = ["--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"), "--max-steps", "12",
+              "--checkpoint-every", "4"]
+    run_single(*common, "--kill-at-step", "5", killed=True)
+    torchrun(TRAIN, 2, *common, "--tp", "2", "--sp")  # resumes from step 4
+    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 13)]
+    assert max(errors) <= LAYOUT_TOLERANCE, errors
+    assert got[12]["consumed_samples"] == 12 * GLOBAL_BATCH
+
+
 def test_tensor_parallel_checkpoint_loads_at_tp1_with_the_same_logits(tmp_path):
     run_dir = tmp_path / "tp2"
     torchrun(TRAIN, 2, "--log-dir", str(run_dir), "--record", str(tmp_path / "record"), "--max-steps", "3",

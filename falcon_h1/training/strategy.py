@@ -130,18 +130,33 @@ class MegatronStrategy(DDPStrategy):
         super().setup_environment()  # process group (NCCL on GPU, gloo on CPU)
         if self.root_device.type == "cpu":
             cpu_compat.enable()
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=self.tensor_model_parallel_size,
-            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
-            context_parallel_size=self.context_parallel_size,
-        )
+        self._initialize_parallel_state()
         # Pipeline stages hold different layers: give each its own initialization stream.
         cpu_compat.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
         trainer = self.lightning_module.trainer
         # Megatron-style sampling (by data-parallel rank, from consumed_samples) is the data
         # module's; Lightning's DistributedSampler would shard over all ranks instead.
         trainer._accelerator_connector.use_distributed_sampler = False
+
+    def _initialize_parallel_state(self) -> None:
+        """Megatron's groups for this layout. A second fit in the same process (a notebook) reuses
+        them when the layout is the same and rebuilds them when it is not."""
+        sizes = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size,
+                 self.virtual_pipeline_model_parallel_size)
+        if parallel_state.model_parallel_is_initialized():
+            current = (parallel_state.get_tensor_model_parallel_world_size(),
+                       parallel_state.get_pipeline_model_parallel_world_size(),
+                       parallel_state.get_context_parallel_world_size(),
+                       parallel_state.get_virtual_pipeline_model_parallel_world_size())
+            if current == sizes:
+                return
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+        )
 
     def _check_world_size(self) -> None:
         world = self.num_nodes * self.num_processes
