@@ -33,7 +33,10 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences need the Transformer Engine attention spec")
         s, b, heads, d = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        # [b, h, s, d], contiguous: q/k/v arrive as strided views of the fused in-projection (or of
+        # the context-parallel exchange), and SDPA's CUDA backends have had silent errors on
+        # non-contiguous inputs (pytorch/pytorch#112577); the copies are small next to attention.
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
         dropout = self.dropout if self.training else 0.0
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else nullcontext()
         with rng:

@@ -7,7 +7,8 @@ each layout's rounding against TP=1's. The test launches the probe itself (torch
 
 Seen on 2x H200 (torch 2.11, 2026-11-27): float32 agrees to 2e-6 at CP=2, but in bf16 CP=2 is
 0.5% off TP=1 while TP=1 bf16 is 0.04% off float32, with either kernel backend - a bf16-only,
-layout-dependent error under investigation (CPU bf16 agrees exactly). This test pins it.
+layout-dependent error under investigation (CPU bf16 agrees exactly). This test pins it; the
+attention core has since been changed to give SDPA contiguous q/k/v (see kernels/attention.py).
 """
 
 import json
