@@ -41,7 +41,7 @@ def steps(record: Path) -> dict[int, dict]:
 
 
 def samples(record: Path) -> list[list[int]]:
-    """Training micro-batches (sample indices) read by the single process, in order."""
+    """Training sample indices read by the single process, step by step."""
     return [json.loads(line)["indices"] for line in (record / "samples-rank0.jsonl").read_text().splitlines()]
 
 
@@ -69,7 +69,7 @@ def test_resume_after_sigkill_repeats_no_sample_and_reproduces_the_losses(refere
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step=0000004"]
     before = samples(tmp_path / "record")
-    assert len(before) == 7 * GLOBAL_BATCH // 2  # micro-batches of 2 read up to the kill
+    assert len(before) == 7  # the steps read up to the kill
 
     run_single(*common)  # resumes from step 4, the latest complete checkpoint
     expected, got = steps(reference / "record"), steps(tmp_path / "record")
@@ -79,7 +79,7 @@ def test_resume_after_sigkill_repeats_no_sample_and_reproduces_the_losses(refere
         assert got[step]["consumed_samples"] == step * GLOBAL_BATCH
     # The resumed run read on from sample 4 x 8 = 32: every sample exactly once, in the reference order.
     after = samples(tmp_path / "record")[len(before):]
-    consumed = [i for batch in before[: 4 * GLOBAL_BATCH // 2] + after for i in batch]
+    consumed = [i for batch in before[:4] + after for i in batch]
     assert consumed == [i for batch in samples(reference / "record") for i in batch] == list(range(12 * GLOBAL_BATCH))
     run_info = json.loads((checkpoints / "step=0000012" / "context" / "run.json").read_text())
     assert run_info["consumed_samples"] == 12 * GLOBAL_BATCH and run_info["global_step"] == 12
@@ -98,6 +98,19 @@ def test_run_killed_during_a_save_resumes_from_the_previous_good_checkpoint(refe
         assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
     assert not (checkpoints / "step=0000008-unfinished").exists()  # step 8 was saved again, completely
     assert (checkpoints / "step=0000008" / "weights" / "metadata.json").exists()
+
+
+def test_bf16_resume_restores_the_fp32_main_weights(tmp_path):
+    """In bf16 the optimizer steps fp32 main weights; a resume that kept only the bf16 model
+    weights would drift from the uninterrupted run at the first resumed step."""
+    bf16 = ["--precision", "bf16-mixed", "--max-steps", "8"]
+    run_single(*bf16, "--log-dir", str(tmp_path / "ref"), "--record", str(tmp_path / "ref_record"))
+    common = [*bf16, "--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"), "--checkpoint-every", "3"]
+    run_single(*common, "--kill-at-step", "4", killed=True)
+    run_single(*common)
+    got, expected = steps(tmp_path / "record"), steps(tmp_path / "ref_record")
+    for step in range(1, 9):
+        assert got[step]["loss"] == expected[step]["loss"], step
 
 
 def test_async_saves_resume_exactly(reference, tmp_path):

@@ -11,19 +11,22 @@ from falcon_h1.training import checkpoint_io
 from falcon_h1.training.optim import LRSchedule, build_scheduler, falcon_h1_optimizer_config
 
 
-def test_sampler_splits_each_global_batch_over_data_parallel_ranks_and_resumes_mid_run():
+def test_sampler_gives_each_rank_its_blocks_of_every_global_batch_and_resumes_mid_run():
     def read(rank, consumed):
-        return list(MegatronPretrainingSampler(48, consumed, micro_batch_size=2, data_parallel_rank=rank,
-                                               data_parallel_size=3))
+        return list(MegatronPretrainingSampler(48, consumed, micro_batch_size=2, global_batch_size=12,
+                                               data_parallel_rank=rank, data_parallel_size=3))
 
     full = [read(r, 0) for r in range(3)]
-    assert full[0][:2] == [[0, 1], [6, 7]] and full[2][0] == [4, 5]
-    assert sorted(i for rank in full for batch in rank for i in batch) == list(range(48))
-    # Resuming at 24 consumed samples reads exactly the rest.
-    assert [read(r, 24) for r in range(3)] == [rank[4:] for rank in full]
-    assert len(MegatronPretrainingSampler(48, 24, 2, 0, 3)) == 4
+    # Global batch 0 is samples 0..11 in two rounds of 3 ranks x 2: rank 1 reads [2, 3] and [8, 9].
+    assert full[1][0] == [2, 3, 8, 9] and len(full[0]) == 4
+    assert sorted(i for rank in full for step in rank for i in step) == list(range(48))
+    # Resuming at 24 consumed samples (2 steps) reads exactly the rest.
+    assert [read(r, 24) for r in range(3)] == [rank[2:] for rank in full]
+    assert len(MegatronPretrainingSampler(48, 24, 2, 12, 0, 3)) == 2
     with pytest.raises(ValueError, match="exceeds the 48 samples"):
-        MegatronPretrainingSampler(48, 50, 2, 0, 3)
+        MegatronPretrainingSampler(48, 60, 2, 12, 0, 3)
+    with pytest.raises(ValueError, match="global_batch_size=10 is not a multiple"):
+        MegatronPretrainingSampler(48, 0, 2, 10, 0, 3)
 
 
 class _Groups:
@@ -111,3 +114,49 @@ def test_checkpoint_directory_rules(tmp_path):
     checkpoint_io.remove_checkpoint(tmp_path / "step=0000005")
     assert not (tmp_path / "step=0000005").exists()
     assert not checkpoint_io.unfinished_marker(tmp_path / "step=0000005").exists()
+
+
+VALIDATION_COUNT = r'''
+import warnings; warnings.filterwarnings("ignore")
+from falcon_h1.data.pretraining import MockDataModule
+from falcon_h1.model.presets import preset_config
+from falcon_h1.training.checkpoint import AutoResume
+from falcon_h1.training.module import FalconH1Module
+from falcon_h1.training.pretrain import build_trainer, pretrain
+
+if __name__ == "__main__":
+    read = []
+    original = FalconH1Module._next_global_batch
+    def counting(self, dataloader_iter):
+        micro_batches = original(self, dataloader_iter)
+        read.append((self.trainer.sanity_checking, self.trainer.training, len(micro_batches)))
+        return micro_batches
+    FalconH1Module._next_global_batch = counting
+    module = FalconH1Module(preset_config("tiny", num_layers=1, kernel_backend="torch"))
+    data = MockDataModule(4096, seq_length=16, micro_batch_size=2, global_batch_size=8)
+    trainer = build_trainer(__import__("sys").argv[1], max_steps=4, val_check_interval=2, limit_val_batches=3)
+    pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
+    print("READ", read)
+'''
+
+
+def test_validation_reads_limit_val_batches_global_batches(tmp_path):
+    """limit_val_batches and val_check_interval count global batches (steps), however many
+    micro-batches a global batch holds."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "count.py"
+    script.write_text(VALIDATION_COUNT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("READ "))
+    read = eval(line[len("READ "):])
+    sanity = [n for checking, training, n in read if checking]
+    train = [n for checking, training, n in read if training and not checking]
+    validation = [n for checking, training, n in read if not training and not checking]
+    assert sanity == [4, 4, 4]  # 3 global batches of 4 micro-batches before the first step
+    assert train == [4, 4, 4, 4]
+    assert validation == [4] * 6  # after steps 2 and 4

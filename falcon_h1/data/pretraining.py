@@ -1,7 +1,8 @@
 """Data modules for pretraining: Megatron indexed datasets (blended, split) and mock data.
 
-Both yield dicts of [micro_batch_size, seq_length] tensors - tokens, labels, loss_mask,
-position_ids - through MegatronPretrainingSampler, and remember how many samples the run has
+Both yield, per step, dicts of [global_batch_size / data-parallel size, seq_length] tensors -
+tokens, labels, loss_mask, position_ids - (the module cuts them into micro-batches) through
+MegatronPretrainingSampler, and remember how many samples the run has
 consumed so a resumed run continues with the next one.
 """
 
@@ -92,7 +93,7 @@ class _SizedDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, consumed_samples: int) -> DataLoader:
         sampler = MegatronPretrainingSampler(
             total_samples=len(dataset), consumed_samples=consumed_samples,
-            micro_batch_size=self.micro_batch_size,
+            micro_batch_size=self.micro_batch_size, global_batch_size=self.global_batch_size,
             data_parallel_rank=parallel_state.get_data_parallel_rank(),
             data_parallel_size=parallel_state.get_data_parallel_world_size())
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,

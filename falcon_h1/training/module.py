@@ -158,44 +158,56 @@ class FalconH1Module(pl.LightningModule):
         return loss
 
     def validation_step(self, dataloader_iter):
-        micro_batches = self._next_global_batch(dataloader_iter)
-        with torch.no_grad():
-            losses = self._forward_backward(micro_batches, forward_only=True)
-        self._val_sums.append(self._sum_losses(losses))
+        self._evaluation_step(dataloader_iter)
+
+    def test_step(self, dataloader_iter):
+        self._evaluation_step(dataloader_iter)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = []
+        self._eval_sums = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums = []
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_sums:
-            return
-        total = torch.stack(self._val_sums).sum(0)
-        val_loss = self._finish_loss(total)
-        self.log("val_loss", val_loss, prog_bar=True, batch_size=1, sync_dist=False)
-        if self.trainer.sanity_checking and self.logger is not None and self.trainer.is_global_zero:
+        val_loss = self._log_evaluation("val_loss")
+        if val_loss is not None and self.trainer.sanity_checking and self.logger is not None \
+                and self.trainer.is_global_zero:
             # Lightning drops metrics logged during the sanity check; that pass is the validation
             # before any update, so keep it in the logs as the step-0 (or resumed-step) value.
             self.logger.log_metrics({"val_loss": float(val_loss)}, step=self.trainer.global_step)
 
-    # ---------------------------------------------------------------- internals
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test_loss")
 
-    def _num_microbatches(self) -> int:
-        data = self.trainer.datamodule
-        dp = parallel_state.get_data_parallel_world_size()
-        return data.global_batch_size // (data.micro_batch_size * dp)
+    def _evaluation_step(self, dataloader_iter) -> None:
+        micro_batches = self._next_global_batch(dataloader_iter)
+        with torch.no_grad():
+            losses = self._forward_backward(micro_batches, forward_only=True)
+        self._eval_sums.append(self._sum_losses(losses))
+
+    def _log_evaluation(self, name: str) -> torch.Tensor | None:
+        if not self._eval_sums:
+            return None
+        loss = self._finish_loss(torch.stack(self._eval_sums).sum(0))
+        self.log(name, loss, prog_bar=True, batch_size=1, sync_dist=False)  # already reduced over ranks
+        return loss
+
+    # ---------------------------------------------------------------- internals
 
     def _consumed_samples_after_step(self) -> int:
         data = self.trainer.datamodule
         return self.trainer.global_step * data.global_batch_size  # global_step counts this step already
 
     def _next_global_batch(self, dataloader_iter) -> list[dict]:
-        """This data-parallel rank's micro-batches of the next global batch. Every pipeline stage
-        reads them (so all ranks stay at the same sample); each stage keeps only what it uses."""
-        batches = []
-        for _ in range(self._num_microbatches()):
-            batch, _, _ = next(dataloader_iter)
-            batches.append(self._stage_batch(batch))
-        return batches
+        """This data-parallel rank's share of the next global batch (one data loader item), cut
+        into micro-batches. Every pipeline stage reads it, so all ranks stay at the same sample;
+        each stage keeps only the tensors it uses."""
+        batch, _, _ = next(dataloader_iter)
+        size = self.trainer.datamodule.micro_batch_size
+        count = len(next(iter(batch.values()))) // size
+        return [self._stage_batch({key: value[i * size:(i + 1) * size] for key, value in batch.items()})
+                for i in range(count)]
 
     def _stage_batch(self, batch: dict) -> dict:
         keys = set()
