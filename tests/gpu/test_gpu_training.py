@@ -25,7 +25,7 @@ COMMON = ["--precision", "bf16-mixed", "--kernel-backend", "auto", "--num-layers
           "--max-steps", "20", "--lr", "3e-4"]
 BF16_LAYOUT_TOLERANCE = 0.05
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))  # the JSON report
-RUNS = Path(tempfile.gettempdir()) / "falcon_h1_gpu_runs"  # checkpoints and records, kept across tests
+RUNS = Path(tempfile.mkdtemp(prefix="falcon_h1_gpu_runs_"))  # this session's checkpoints and records, shared by its tests
 
 
 def launch(nproc: int, *args: str, expect_kill: bool = False) -> str:
