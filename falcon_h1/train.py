@@ -101,7 +101,7 @@ def train(args: argparse.Namespace) -> int:
     elif args.data:
         if not args.tokenizer:
             sys.exit("--data needs --tokenizer (the tokenizer directory the data was made with)")
-        data = PreTrainingDataModule(_blend(args.data), args.tokenizer, split=args.split, **batch)
+        data = PreTrainingDataModule(args.data, args.tokenizer, split=args.split, **batch)
         tokenizer_dir = args.tokenizer
     else:
         corpus = default_corpus()
@@ -124,25 +124,13 @@ def train(args: argparse.Namespace) -> int:
                         restore_weights_from=args.restore_weights_from)
     result = pretrain(module, data, trainer, resume)
     if trainer.is_global_zero:
-        print(f"\ntrained {config_name(args)} to step {result.global_step}: train loss {result.train_loss:.4f}, "
-              f"validation loss {result.val_loss:.4f}")
+        losses = ", ".join(f"{name} {value:.4f}" for name, value in
+                           (("train loss", result.train_loss), ("validation loss", result.val_loss)) if value is not None)
+        print(f"\ntrained Falcon-H1 '{args.preset}' to step {result.global_step}: {losses}")
         print(f"checkpoint:  {result.checkpoint}")
         print(f"TensorBoard: tensorboard --logdir {result.log_dir / 'tensorboard'}")
         print(f"loss plot:   {result.loss_plot}")
     return 0
-
-
-def config_name(args) -> str:
-    return f"Falcon-H1 '{args.preset}'"
-
-
-def _blend(values: list[str]) -> list:
-    """["a", "b"] stays a list of prefixes; ["0.7", "a", "0.3", "b"] becomes a weighted blend."""
-    try:
-        weights = [float(v) for v in values[0::2]]
-    except ValueError:
-        return values
-    return [x for w, p in zip(weights, values[1::2]) for x in (w, p)]
 
 
 if __name__ == "__main__":

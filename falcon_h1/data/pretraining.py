@@ -31,15 +31,24 @@ class _DatasetTokenizer:
                                    "vocab_size": self.vocab_size, "eod": self.eod}
 
 
+def _weight(value) -> float | None:
+    """A blend weight: a number, or a string that is one (as command lines give them)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_blend(paths) -> tuple[list[str], list[float] | None]:
     """A dataset prefix, a list of prefixes (equal weight by size), or Megatron's flat
-    [weight, prefix, weight, prefix, ...] list -> (prefixes, weights)."""
+    [weight, prefix, weight, prefix, ...] list (weights as numbers or numeric strings)
+    -> (prefixes, weights)."""
     if isinstance(paths, (str, os.PathLike)):
         return [str(paths)], None
     paths = list(paths)
-    if paths and all(isinstance(p, (int, float)) for p in paths[0::2]) and len(paths) % 2 == 0 \
-            and all(isinstance(p, (str, os.PathLike)) for p in paths[1::2]):
-        return [str(p) for p in paths[1::2]], [float(w) for w in paths[0::2]]
+    weights = [_weight(w) for w in paths[0::2]]
+    if paths and len(paths) % 2 == 0 and None not in weights:
+        return [str(p) for p in paths[1::2]], weights
     return [str(p) for p in paths], None
 
 
@@ -79,9 +88,6 @@ class _SizedDataModule(pl.LightningDataModule):
         test_steps = trainer.limit_test_batches if isinstance(trainer.limit_test_batches, int) else val_steps
         return (trainer.max_steps * self.global_batch_size, max(val_steps, 1) * self.global_batch_size,
                 max(test_steps, 1) * self.global_batch_size)
-
-    def consumed_samples_at(self, step: int | None) -> int | None:
-        return None if step is None else step * self.global_batch_size
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.trainer.global_step * self.global_batch_size,

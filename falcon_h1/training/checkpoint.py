@@ -90,10 +90,11 @@ class AutoResume:
     resume_from_path: str | None = None
     restore_weights_from: str | None = None
 
-    def checkpoint_to_resume(self, checkpoint_dir: str | Path) -> str | None:
+    def checkpoint_to_resume(self, checkpoint_dir: str | Path | None) -> str | None:
+        """The checkpoint to continue from; `checkpoint_dir` is the run's (None: the run saves none)."""
         if self.resume_from_path:
             return str(checkpoint_io.check_loadable(self.resume_from_path))
-        if not self.resume_if_exists:
+        if not self.resume_if_exists or checkpoint_dir is None:
             return None
         latest = checkpoint_io.latest_checkpoint(checkpoint_dir, resumable=True)
         skipped = sorted(Path(checkpoint_dir).glob(f"*{checkpoint_io.UNFINISHED_SUFFIX}")) \

@@ -51,6 +51,15 @@ def mark_unfinished(path: str | os.PathLike) -> None:
     _fsync_dir(marker.parent)
 
 
+def begin_save(path: str | os.PathLike) -> None:
+    """Rank 0, before a save: the marker, then an empty checkpoint directory (a directory left by
+    an interrupted save of the same step is replaced)."""
+    path = Path(path)
+    mark_unfinished(path)
+    shutil.rmtree(path, ignore_errors=True)
+    (path / WEIGHTS_DIR).mkdir(parents=True)
+
+
 def mark_finished(path: str | os.PathLike) -> None:
     unfinished_marker(path).unlink(missing_ok=True)
     _fsync_dir(Path(path).parent)

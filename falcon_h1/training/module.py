@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.model import FalconH1Model
@@ -41,7 +42,6 @@ class MegatronOptimizerAdapter:
         self.megatron_optimizer = optimizer
         self.defaults: dict = {}
         self.last_grad_norm: float | None = None
-        self.last_update_successful = True
 
     @property
     def param_groups(self):
@@ -54,8 +54,7 @@ class MegatronOptimizerAdapter:
     def step(self, closure=None):
         if closure is not None:
             closure()
-        successful, grad_norm, _ = self.megatron_optimizer.step()
-        self.last_update_successful, self.last_grad_norm = successful, grad_norm
+        successful, self.last_grad_norm, _ = self.megatron_optimizer.step()
         return successful
 
     def zero_grad(self, set_to_none: bool = True):
@@ -109,12 +108,7 @@ class FalconH1Module(pl.LightningModule):
 
     def unwrapped_chunks(self) -> list[FalconH1Model]:
         """The FalconH1Model inside each (bf16, DDP) wrapper."""
-        models = []
-        for chunk in self.chunks:
-            while not isinstance(chunk, FalconH1Model):
-                chunk = chunk.module
-            models.append(chunk)
-        return models
+        return unwrap_model(list(self.chunks))
 
     def forward(self, input_ids, position_ids=None, labels=None):
         """Single-stage convenience forward (logits, or per-token loss given labels)."""
@@ -133,7 +127,9 @@ class FalconH1Module(pl.LightningModule):
                 "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step(1)  # Megatron's scheduler counts increments, not epochs
+        # Lightning accepts a scheduler that is not torch's only with this hook defined; under manual
+        # optimization it never calls it: training_step steps Megatron's scheduler itself.
+        scheduler.step(1)
 
     # ---------------------------------------------------------------- steps
 
@@ -218,14 +214,13 @@ class FalconH1Module(pl.LightningModule):
         if self.config.virtual_pipeline_model_parallel_size:
             keys.update(FIRST_STAGE_KEYS + LAST_STAGE_KEYS)  # chunks of both ends may live here
         device = self._data_device()
+        cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
         out = {}
         for key in keys:
             tensor = batch[key]
-            cp = parallel_state.get_context_parallel_world_size()
             if cp > 1:  # each context-parallel rank holds one contiguous chunk of the sequence
                 chunk = tensor.shape[1] // cp
-                rank = parallel_state.get_context_parallel_rank()
-                tensor = tensor[:, rank * chunk:(rank + 1) * chunk]
+                tensor = tensor[:, cp_rank * chunk:(cp_rank + 1) * chunk]
             out[key] = tensor.to(device, non_blocking=True)
         return out
 

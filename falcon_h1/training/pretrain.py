@@ -95,7 +95,7 @@ def pretrain(module, data, trainer: pl.Trainer, resume: AutoResume | None = None
     resume.validate()
     checkpointer = checkpoint_callback(trainer)
     checkpoint_dir = checkpointer.dirpath if checkpointer else None
-    ckpt_path = resume.checkpoint_to_resume(checkpoint_dir) if checkpoint_dir else None
+    ckpt_path = resume.checkpoint_to_resume(checkpoint_dir)
     if resume.restore_weights_from and ckpt_path is None:
         trainer.strategy.restore_weights_from = resume.restore_weights_from
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)

@@ -232,12 +232,6 @@ class MegatronStrategy(DDPStrategy):
     def model_to_device(self) -> None:
         pass  # chunks are built on their device and wrapped in setup
 
-    def training_step(self, *args, **kwargs):
-        return self.lightning_module.training_step(*args, **kwargs)
-
-    def validation_step(self, *args, **kwargs):
-        return self.lightning_module.validation_step(*args, **kwargs)
-
     def teardown(self) -> None:
         self.finalize_pending_saves(blocking=True)
         # Keep the model where it is (Lightning's default moves it to CPU, which would detach
@@ -264,14 +258,11 @@ class MegatronStrategy(DDPStrategy):
         module = self.lightning_module
         self.finalize_pending_saves(blocking=True)  # one save in flight at a time
         if self.is_global_zero:
-            checkpoint_io.mark_unfinished(path)
-            if path.exists():  # left by an interrupted save of the same step
-                checkpoint_io.shutil.rmtree(path)
-            (path / checkpoint_io.WEIGHTS_DIR).mkdir(parents=True)
+            checkpoint_io.begin_save(path)
             data = module.trainer.datamodule
+            data_state = checkpoint.get(type(data).__qualname__, {}) if data is not None else {}
             run_info = dict(global_step=checkpoint.get("global_step"),
-                            consumed_samples=getattr(data, "consumed_samples_at", lambda s: None)(
-                                checkpoint.get("global_step")),
+                            consumed_samples=data_state.get("consumed_samples"),
                             tensor_model_parallel_size=self.tensor_model_parallel_size,
                             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
                             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
