@@ -74,6 +74,14 @@ for backend in ("auto", "torch"):
             if cp > 1:
                 dist.all_reduce(loss)
             results[key] = float(loss) / labels.numel()
+        # cuBLAS may reduce bf16 GEMM split-K partials in bf16; this repeats the default without it.
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        with torch.no_grad():
+            loss = model(tokens[:, chunk], labels=labels[:, chunk]).float().sum()
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+        if cp > 1:
+            dist.all_reduce(loss)
+        results[f"{backend}-{str(dtype)[6:]}-no-bf16-reduction"] = float(loss) / labels.numel()
 if rank == 0:
     print("RESULT " + json.dumps(results), flush=True)
 dist.destroy_process_group()
@@ -93,9 +101,14 @@ def probe(mode: str, nproc: int, tmp_path) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+@pytest.fixture(scope="module")
+def one_gpu(tmp_path_factory):
+    return probe("tp", 1, tmp_path_factory.mktemp("one_gpu"))
+
+
 @pytest.mark.parametrize("mode", ["tp", "cp"])
-def test_layout_forward_matches_tp1(tmp_path, mode):
-    one = probe("tp", 1, tmp_path)
+def test_layout_forward_matches_tp1(tmp_path, one_gpu, mode):
+    one = one_gpu
     two = probe(mode, 2, tmp_path)
     print(mode, json.dumps({"tp1": one, f"{mode}2": two}))
     for key, value in one.items():
