@@ -45,7 +45,11 @@ def _sum_rows_over_replicas(tensor: torch.Tensor, replicated, group, primary_onl
             canonical[seg.offset: seg.offset + seg.rows] = tensor[start: start + seg.rows]
         buffers.append(canonical)
     flat = torch.cat([b.flatten() for b in buffers])
+    if flat.device.type == "cpu" and "gloo" not in str(dist.get_backend(group)):
+        # Parameters built on the CPU (use_cpu_initialization) in an NCCL run: reduce on the GPU.
+        flat = flat.cuda()
     dist.all_reduce(flat, group=group)
+    flat = flat.to(tensor.device)
     for (start, seg), canonical in zip(replicated, flat.split([b.numel() for b in buffers])):
         rows = canonical.view(seg.canonical_rows, *tensor.shape[1:])[seg.offset: seg.offset + seg.rows]
         tensor[start: start + seg.rows].copy_(rows)

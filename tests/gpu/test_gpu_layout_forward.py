@@ -1,14 +1,15 @@
 """Forward loss of one model at TP=1 vs TP=2 and CP=2, float32 and bf16, on 2 GPUs (NCCL).
 
-The same weights (a transformers Falcon-H1 with randomized parameters, mapped to each rank) and
-tokens; per-token loss summed over the sequence. Float32 pins the layouts' logic; bf16 compares
-each layout's rounding against TP=1's. The test launches the probe itself (torchrun for 2 GPUs):
+The same weights (a transformers Falcon-H1 with randomized parameters, built on the CPU with
+`use_cpu_initialization` and mapped to each rank) and tokens; per-token loss summed over the
+sequence. Float32 pins the layouts' logic; bf16 compares each layout's rounding against TP=1's.
+The test launches the probe itself (torchrun for 2 GPUs):
 `bash tests/gpu/run.sh OUT tests/gpu/test_gpu_layout_forward.py`.
 
-Seen on 2x H200 (torch 2.11, 2026-11-27): float32 agrees to 2e-6 at CP=2, but in bf16 CP=2 is
-0.5% off TP=1 while TP=1 bf16 is 0.04% off float32, with either kernel backend - a bf16-only,
-layout-dependent error under investigation (CPU bf16 agrees exactly). This test pins it; the
-attention core has since been changed to give SDPA contiguous q/k/v (see kernels/attention.py).
+History (2x H200, torch 2.11, 2026-11-27): SDPA given strided q/k/v views (ranks holding one KV
+head) put bf16 CP=2 and TP=2 0.5% off TP=1 while float32 agreed to 2e-6; with contiguous inputs
+(kernels/attention.py) bf16 CP=2 equals TP=1 to the last bit. The probe also runs each SDPA
+backend alone and cuBLAS without bf16 split-K reduction, for diagnosis.
 """
 
 import json

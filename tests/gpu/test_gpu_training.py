@@ -1,10 +1,11 @@
 """bf16 training on 2 GPUs: every parallel layout tracks the 1-GPU run; async save and resume.
 
 The tiny preset (4 layers) with the GPU kernels (mamba_ssm Triton SSD, causal-conv1d), bf16,
-sequence 512, global batch 8, 20 steps from the same initial weights. bf16 layouts differ in
-reduction order (GEMM splits, collectives), which bf16 rounding amplifies over 20 Adam steps; the
-tolerance below is what one layout may drift from another, far below the loss change of the run
-(about 8.4 -> 6).
+sequence 512, global batch 8, 20 steps at LR 3e-4 from the same initial weights. Layouts differ
+only in reduction order (GEMM splits, collectives), so step 1 (same weights) agrees to bf16
+rounding and later steps drift slowly. Seen on 2x H200 (2026-11-27): at most 7e-4 over 20 steps,
+0 at step 1 (loss 8.34 -> 6.82). An earlier attention bug (SDPA given strided q/k/v) showed as
+0.015 at step 1 and 0.14 by step 20; the bounds below catch that with room for rounding.
 """
 
 import json
@@ -24,7 +25,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
 TRAIN = str(REPO / "tests/distributed/train_tiny.py")
 COMMON = ["--precision", "bf16-mixed", "--kernel-backend", "auto", "--num-layers", "4", "--seq-length", "512",
           "--max-steps", "20", "--lr", "3e-4"]
-BF16_LAYOUT_TOLERANCE = 0.05
+FIRST_STEP_TOLERANCE = 1e-3  # same weights: rounding only
+BF16_LAYOUT_TOLERANCE = 5e-3  # over 20 steps
 OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))  # the JSON report
 # Checkpoints and records shared by the tests; FALCON_H1_GPU_RUNS lets a later pytest call on the
 # same machine reuse finished runs (each run is kept only once its record reaches the last step).
@@ -110,6 +112,7 @@ def test_layout_tracks_one_gpu_in_bf16(reference, layout_run):
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 21)]
     report(name, {"loss_diffs": [round(e, 4) for e in errors], "final_loss": got[20]["loss"],
                   "reference_final": expected[20]["loss"]})
+    assert errors[0] <= FIRST_STEP_TOLERANCE, errors
     assert max(errors) <= BF16_LAYOUT_TOLERANCE, errors
 
 
