@@ -13,6 +13,9 @@ by the rank's layout (layout.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from falcon_h1.model.config import FalconH1Config
@@ -24,51 +27,92 @@ def _ssm_in_sizes(config: FalconH1Config) -> list[int]:
     return [config.d_ssm, config.d_ssm, gn, gn, config.mamba_num_heads]
 
 
-def hf_to_canonical(hf: dict[str, torch.Tensor], config: FalconH1Config) -> dict[str, torch.Tensor]:
-    """Rename and split an HF FalconH1ForCausalLM state dict into canonical tensors."""
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.final_layernorm.weight"]}
-    if not config.share_embeddings_and_output_weights:
-        out["output_layer.weight"] = hf["lm_head.weight"]
-    hd, heads = config.kv_channels, config.num_attention_heads
+@dataclass(frozen=True)
+class Link:
+    """HF tensors <-> canonical tensors that are each other's pieces (1:1 renames, a fused HF
+    tensor split into blocks, two HF tensors concatenated), with both directions."""
+    hf: tuple[str, ...]
+    canonical: tuple[str, ...]
+    to_canonical: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    to_hf: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _same(hf: str, canonical: str) -> Link:
+    return Link((hf,), (canonical,), list, list)
+
+
+def _split(hf: str, canonical: list[str], sizes: list[int]) -> Link:
+    """One HF tensor = its canonical blocks stacked along dim 0."""
+    return Link((hf,), tuple(canonical), lambda t: list(t[0].split(sizes)), lambda t: [torch.cat(t)])
+
+
+def _concat(hf: list[str], canonical: str) -> Link:
+    """One canonical tensor = HF tensors of equal size stacked along dim 0 (MLP [gate; up])."""
+    return Link(tuple(hf), (canonical,), lambda t: [torch.cat(t)], lambda t: list(t[0].chunk(len(hf))))
+
+
+def links(config: FalconH1Config) -> list[Link]:
+    """Every HF <-> canonical correspondence of a model, in HF checkpoint order."""
+    out = [_same("model.embed_tokens.weight", "embedding.word_embeddings.weight")]
+    hd, heads, hidden = config.kv_channels, config.num_attention_heads, config.hidden_size
+    ssm_sizes, blocks = _ssm_in_sizes(config), list(SSM_BLOCKS)
     for i in range(config.num_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         a = m + "self_attention."
-        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
-        out[m + "pre_mlp_layernorm.weight"] = hf[h + "pre_ff_layernorm.weight"]
         if heads:
             for name in ("q", "k", "v"):
-                out[a + f"in_proj.weight.{name}"] = hf[h + f"self_attn.{name}_proj.weight"]
+                out.append(_same(h + f"self_attn.{name}_proj.weight", a + f"in_proj.weight.{name}"))
                 if config.attention_bias:
-                    out[a + f"qkv_bias.{name}"] = hf[h + f"self_attn.{name}_proj.bias"]
-            out[a + "out_proj.weight.attn"] = hf[h + "self_attn.o_proj.weight"].reshape(config.hidden_size, heads, hd)
+                    out.append(_same(h + f"self_attn.{name}_proj.bias", a + f"qkv_bias.{name}"))
+            out.append(Link((h + "self_attn.o_proj.weight",), (a + "out_proj.weight.attn",),
+                            lambda t: [t[0].reshape(hidden, heads, hd)], lambda t: [t[0].reshape(hidden, heads * hd)]))
             if config.attention_bias:
-                out[a + "attn_out_bias"] = hf[h + "self_attn.o_proj.bias"]
+                out.append(_same(h + "self_attn.o_proj.bias", a + "attn_out_bias"))
         if config.mamba_num_heads:
-            blocks = hf[h + "mamba.in_proj.weight"].split(_ssm_in_sizes(config))
-            out.update({a + f"in_proj.weight.{n}": t for n, t in zip(SSM_BLOCKS, blocks)})
+            out.append(_split(h + "mamba.in_proj.weight", [a + f"in_proj.weight.{n}" for n in blocks], ssm_sizes))
             if config.mamba_proj_bias:
-                blocks = hf[h + "mamba.in_proj.bias"].split(_ssm_in_sizes(config))
-                out.update({a + f"ssm_in_bias.{n}": t for n, t in zip(SSM_BLOCKS, blocks)})
-            conv_sizes = _ssm_in_sizes(config)[1:4]
-            out.update({a + f"conv1d.weight.{n}": t for n, t in
-                        zip("xBC", hf[h + "mamba.conv1d.weight"].split(conv_sizes))})
+                out.append(_split(h + "mamba.in_proj.bias", [a + f"ssm_in_bias.{n}" for n in blocks], ssm_sizes))
+            out.append(_split(h + "mamba.conv1d.weight", [a + f"conv1d.weight.{n}" for n in "xBC"], ssm_sizes[1:4]))
             if config.mamba_conv_bias:
-                out.update({a + f"conv1d.bias.{n}": t for n, t in
-                            zip("xBC", hf[h + "mamba.conv1d.bias"].split(conv_sizes))})
-            for name in ("A_log", "D", "dt_bias"):
-                out[a + name] = hf[h + f"mamba.{name}"]
+                out.append(_split(h + "mamba.conv1d.bias", [a + f"conv1d.bias.{n}" for n in "xBC"], ssm_sizes[1:4]))
+            for name in ("dt_bias", "A_log", "D"):
+                out.append(_same(h + f"mamba.{name}", a + name))
             if config.mamba_rms_norm:
-                out[a + "norm_weight"] = hf[h + "mamba.norm.weight"]
-            out[a + "out_proj.weight.ssm"] = hf[h + "mamba.out_proj.weight"]
+                out.append(_same(h + "mamba.norm.weight", a + "norm_weight"))
+            out.append(_same(h + "mamba.out_proj.weight", a + "out_proj.weight.ssm"))
             if config.projectors_bias:
-                out[a + "ssm_out_bias"] = hf[h + "mamba.out_proj.bias"]
+                out.append(_same(h + "mamba.out_proj.bias", a + "ssm_out_bias"))
         ff = h + "feed_forward."
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[ff + "gate_proj.weight"], hf[ff + "up_proj.weight"]])
-        out[m + "mlp.linear_fc2.weight"] = hf[ff + "down_proj.weight"]
+        out.append(_concat([ff + "gate_proj.weight", ff + "up_proj.weight"], m + "mlp.linear_fc1.weight"))
+        out.append(_same(ff + "down_proj.weight", m + "mlp.linear_fc2.weight"))
         if config.add_bias_linear:
-            out[m + "mlp.linear_fc1.bias"] = torch.cat([hf[ff + "gate_proj.bias"], hf[ff + "up_proj.bias"]])
-            out[m + "mlp.linear_fc2.bias"] = hf[ff + "down_proj.bias"]
+            out.append(_concat([ff + "gate_proj.bias", ff + "up_proj.bias"], m + "mlp.linear_fc1.bias"))
+            out.append(_same(ff + "down_proj.bias", m + "mlp.linear_fc2.bias"))
+        out.append(_same(h + "input_layernorm.weight", m + "input_layernorm.weight"))
+        out.append(_same(h + "pre_ff_layernorm.weight", m + "pre_mlp_layernorm.weight"))
+    out.append(_same("model.final_layernorm.weight", "decoder.final_layernorm.weight"))
+    if not config.share_embeddings_and_output_weights:
+        out.append(_same("lm_head.weight", "output_layer.weight"))
+    return out
+
+
+def hf_to_canonical(hf: dict[str, torch.Tensor], config: FalconH1Config) -> dict[str, torch.Tensor]:
+    """Rename and split an HF FalconH1ForCausalLM state dict into canonical tensors."""
+    out = {}
+    for link in links(config):
+        out.update(zip(link.canonical, link.to_canonical([hf[name] for name in link.hf])))
+    return out
+
+
+def canonical_to_hf(canonical: dict[str, torch.Tensor], config: FalconH1Config) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_canonical (canonical vocabulary rows beyond config.vocab_size, i.e.
+    TP padding, are dropped)."""
+    out = {}
+    for link in links(config):
+        out.update(zip(link.hf, link.to_hf([canonical[name] for name in link.canonical])))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in out:
+            out[name] = out[name][: config.vocab_size]
     return out
 
 

@@ -187,6 +187,13 @@ _HF_METADATA_KEYS = {
 }
 
 
+def _json_float(value):
+    """transformers (5.x) writes non-finite floats into config.json as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and "__float__" in value:
+        return float(value["__float__"])
+    return value
+
+
 def config_from_hf(hf: dict[str, Any], **overrides) -> FalconH1Config:
     """Build a FalconH1Config from a Hugging Face Falcon-H1 config.json dict.
 
@@ -218,7 +225,7 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> FalconH1Config:
         raise ValueError(f"mamba_d_head={mamba_head_dim} x mamba_n_heads={mamba_heads} != mamba_d_ssm={d_ssm}")
     rope = hf.get("rope_parameters") or {}
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 1e11))
-    step_limit = hf.get("time_step_limit") or (0.0, math.inf)
+    step_limit = [_json_float(v) for v in hf.get("time_step_limit") or (0.0, math.inf)]
 
     kwargs = dict(
         num_layers=hf["num_hidden_layers"],

@@ -2,7 +2,8 @@
 
 Builds the model from the checkpoint's own config, loads its weights at this layout (the
 checkpoint may have been written at another), runs fixed token ids and saves the full-vocabulary
-logits (gathered over TP) from rank 0 to --out.
+logits (gathered over TP) from rank 0 to --out. With --save-to, also writes the loaded weights as
+a new weights-only checkpoint at this layout.
 """
 
 import argparse
@@ -16,6 +17,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save-to")
     args = parser.parse_args()
     import torch
     import torch.distributed as dist
@@ -40,8 +42,31 @@ def main():
         logits = model(tokens, runtime_gather_output=True)
     if dist.get_rank() == 0:
         torch.save(logits, args.out)
+    if args.save_to:
+        save_weights(model, args.checkpoint, args.save_to)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def save_weights(model, source, target):
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from falcon_h1.training import checkpoint_io
+
+    target = Path(target)
+    if dist.get_rank() == 0:
+        checkpoint_io.begin_save(target)
+        shutil.copytree(Path(source) / checkpoint_io.CONTEXT_DIR, target / checkpoint_io.CONTEXT_DIR)
+    dist.barrier()
+    sharded = {"state_dict": checkpoint_io.model_sharded_state_dict([model])}
+    dist_checkpointing.save(sharded, str(target / checkpoint_io.WEIGHTS_DIR))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        checkpoint_io.mark_finished(target)
 
 
 if __name__ == "__main__":
