@@ -1,0 +1,19 @@
+"""Falcon-H1 recipes: one module per model size, plus shared factories and executors.
+
+Importing this package registers every factory with nemo-run (for `--factory NAME`,
+`model=NAME`, `run.executor=local|slurm`).
+"""
+
+from recipes import (  # noqa: F401  (imported for their factory registrations)
+    executors,
+    falcon_h1_0p5b,
+    falcon_h1_1p5b,
+    falcon_h1_1p5b_deep,
+    falcon_h1_3b,
+    falcon_h1_7b,
+    falcon_h1_34b,
+    tiny,
+)
+
+SIZES = {module.NAME: module for module in (tiny, falcon_h1_0p5b, falcon_h1_1p5b, falcon_h1_1p5b_deep,
+                                            falcon_h1_3b, falcon_h1_7b, falcon_h1_34b)}

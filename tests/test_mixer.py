@@ -6,6 +6,7 @@ import torch
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.param_count import parameter_count
+from falcon_h1.model.presets import preset_config
 from falcon_h1.model.specs import local_layer_spec
 from falcon_h1.parity import build_from_hf, make_hf_model, relative_error
 
@@ -80,3 +81,39 @@ def test_attention_to_mamba_ratios_build_train_and_have_the_hand_derived_size(si
         assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
     built = sum(p.numel() for p in model.parameters())
     assert built == _hand_count(attention_heads, mamba_heads) == parameter_count(config)["total"]
+
+
+def _loss_grads_and_core_calls(model, tokens):
+    """(loss, parameter gradients, core_attention calls) of one training step. Calls are counted
+    by a forward pre-hook: torch's checkpoint stops its recompute once the saved tensors are
+    rebuilt, before forward hooks would run."""
+    calls = []
+    hooks = [layer.self_attention.core_attention.register_forward_pre_hook(lambda *_: calls.append(1))
+             for layer in model.decoder.layers]
+    loss = model(tokens, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+
+@pytest.mark.filterwarnings("ignore:If you are using transformer_engine")  # Megatron's note on "core_attn"
+def test_selective_recompute_of_core_attention_recomputes_it_and_changes_nothing(single_rank):
+    def build(**recompute):
+        config = preset_config("tiny", num_layers=2, use_cpu_initialization=True, kernel_backend="torch",
+                               **recompute)
+        return FalconH1Model(config)
+
+    plain = build()
+    recomputed = build(recompute_granularity="selective", recompute_modules=["core_attn"])
+    recomputed.load_state_dict(plain.state_dict())
+    assert all(layer.self_attention.recompute_core_attention for layer in recomputed.decoder.layers)
+    assert not any(layer.self_attention.recompute_core_attention for layer in plain.decoder.layers)
+    tokens = torch.randint(1, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    loss, grads, calls = _loss_grads_and_core_calls(plain, tokens)
+    loss_r, grads_r, calls_r = _loss_grads_and_core_calls(recomputed, tokens)
+    assert (calls, calls_r) == (2, 4)  # 2 layers: once each, or once more in backward
+    assert torch.equal(loss_r, loss)
+    for name, grad in grads.items():
+        assert (grads_r[name] - grad).abs().max() <= 1e-6, name

@@ -6,8 +6,6 @@ They are tokenized once with a byte-level BPE trained on them and cached under
 first one builds.
 """
 
-from __future__ import annotations
-
 import fcntl
 import os
 import random
@@ -66,3 +64,15 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, max_bytes: int = 
 
 def default_tokenizer(cache_dir=None, **kwargs):
     return load_tokenizer(default_corpus(cache_dir, **kwargs).tokenizer_dir)
+
+
+def default_corpus_data(seq_length: int = 128, micro_batch_size: int = 8, global_batch_size: int = 16,
+                        split: str = "98,2,0", seed: int = 1234):
+    """A PreTrainingDataModule over the bundled corpus (built on first use, on the machine that
+    runs the job): the data of the tiny recipe and of `make run`."""
+    from falcon_h1.data.pretraining import PreTrainingDataModule
+
+    corpus = default_corpus()
+    return PreTrainingDataModule(corpus.prefix, corpus.tokenizer_dir, seq_length=seq_length,
+                                 micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
+                                 split=split, seed=seed)

@@ -6,8 +6,6 @@ MegatronPretrainingSampler, and remember how many samples the run has
 consumed so a resumed run continues with the next one.
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

@@ -21,8 +21,6 @@ Megatron names are kept where Megatron already has the concept:
 Attention heads and Mamba heads are independent; either may be 0.
 """
 
-from __future__ import annotations
-
 import math
 import warnings
 from dataclasses import dataclass

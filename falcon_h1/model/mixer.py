@@ -34,6 +34,7 @@ from megatron.core.utils import (
     make_sharded_tensor_for_checkpoint,
     make_tp_sharded_tensor_for_checkpoint,
 )
+from torch.utils.checkpoint import checkpoint
 
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
 from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
@@ -112,6 +113,9 @@ class HybridMixer(MegatronModule):
                 softmax_scale=layout.head_dim ** -0.5, k_channels=layout.head_dim,
                 v_channels=layout.head_dim, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
+        # Selective recompute of the attention core, as Megatron's Attention does for "core_attn".
+        self.recompute_core_attention = bool(layout.attention_heads) and (
+            config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or ()))
 
         if layout.mamba_heads:
             heads = layout.mamba_heads
@@ -242,8 +246,14 @@ class HybridMixer(MegatronModule):
         v = v.reshape(s, b, layout.kv_heads, hd)
         q = apply_rotary_pos_emb(q, rotary_pos_emb, config=self.config)
         k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
-        out = self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal,
-                                  packed_seq_params=packed_seq_params)
+        if self.recompute_core_attention and self.training:
+            # Keep q, k, v; recompute scores and softmax in backward. Megatron's RNG tracker is not
+            # forked: Falcon-H1 has no attention dropout (checkpoint restores torch's RNG anyway).
+            out = checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False,
+                             attn_mask_type=AttnMaskType.causal, packed_seq_params=packed_seq_params)
+        else:
+            out = self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal,
+                                      packed_seq_params=packed_seq_params)
         if layout.attention_replicas > 1:
             # Replicas of these heads each feed their own part of head_dim to the out-projection.
             out = out.reshape(s, b, layout.attention_heads, hd)[..., layout.attention_out_dims]

@@ -91,7 +91,11 @@ NOMINAL_SIZES = {"tiny": 4.3e6, "tiny-90m": 90e6, "0.5b": 0.5e9, "1.5b": 1.5e9, 
 def preset_config(name: str, **overrides) -> FalconH1Config:
     """The FalconH1Config of a released shape, with optional field overrides (parallel layout,
     dtype, sequence length, ...)."""
+    return FalconH1Config(**preset_fields(name, **overrides))
+
+
+def preset_fields(name: str, **overrides) -> dict:
+    """The FalconH1Config fields of a preset (what preset_config builds; recipes configure them)."""
     if name not in PRESETS:
         raise ValueError(f"unknown Falcon-H1 preset {name!r}; choose one of {sorted(PRESETS)}")
-    kwargs = {**_SHARED, **PRESETS[name], **overrides}
-    return FalconH1Config(**kwargs)
+    return {**_SHARED, **PRESETS[name], **overrides}

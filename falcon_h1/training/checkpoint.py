@@ -6,8 +6,6 @@ checkpoint a run resumes from: the latest complete one in the run's checkpoint d
 given path; or it names a checkpoint whose weights only initialize the model (fine-tuning).
 """
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass
 from pathlib import Path

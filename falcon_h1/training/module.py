@@ -8,8 +8,6 @@ are built lazily in `configure_model`, after MegatronStrategy has set up the par
 wrapped (bf16, Megatron DDP) by the strategy.
 """
 
-from __future__ import annotations
-
 from functools import partial
 
 import pytorch_lightning as pl

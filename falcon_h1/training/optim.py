@@ -1,8 +1,6 @@
 """Optimizer and learning-rate schedule: Megatron's optimizer (distributed or not) and its
 OptimizerParamScheduler, configured from two dataclasses that recipes can hold as data."""
 
-from __future__ import annotations
-
 import dataclasses
 from dataclasses import dataclass
 

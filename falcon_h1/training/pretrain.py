@@ -7,10 +7,9 @@ Directory of a run (`log_dir`):
     loss.csv, loss.png          training and validation loss (written at the end of the run)
 """
 
-from __future__ import annotations
-
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -82,30 +81,42 @@ class TrainingResult:
     loss_plot: Path | None
     train_loss: float | None
     val_loss: float | None
+    throughput: dict[str, float] | None = None  # ThroughputMonitor's averages after warm-up
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 def checkpoint_callback(trainer: pl.Trainer) -> MegatronCheckpoint | None:
     return next((c for c in trainer.callbacks if isinstance(c, MegatronCheckpoint)), None)
 
 
-def pretrain(module, data, trainer: pl.Trainer, resume: AutoResume | None = None) -> TrainingResult:
-    """Train `module` on `data` with `trainer`; resume per `resume` (default: from the latest
-    complete checkpoint of this run's directory, if any)."""
+def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None) -> TrainingResult:
+    """Train `model` (a FalconH1Module) on `data` with `trainer`; resume per `resume` (default:
+    from the latest complete checkpoint of this run's directory, if any). Rank 0 writes the
+    result to LOG_DIR/result.json."""
     resume = resume or AutoResume()
     resume.validate()
+    if getattr(model, "tokenizer_dir", None) is None and getattr(data, "tokenizer_dir", None):
+        model.tokenizer_dir = data.tokenizer_dir  # stored with every checkpoint
     checkpointer = checkpoint_callback(trainer)
     checkpoint_dir = checkpointer.dirpath if checkpointer else None
     ckpt_path = resume.checkpoint_to_resume(checkpoint_dir)
     if resume.restore_weights_from and ckpt_path is None:
         trainer.strategy.restore_weights_from = resume.restore_weights_from
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     plot = next((c for c in trainer.callbacks if isinstance(c, LossPlot)), None)
+    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     metrics = trainer.callback_metrics
-    return TrainingResult(
+    result = TrainingResult(
         global_step=trainer.global_step,
         checkpoint=checkpointer.last_checkpoint if checkpointer else None,
         log_dir=Path(trainer.logger.save_dir) if trainer.logger else Path("."),
         loss_plot=getattr(plot, "plot_path", None),
         train_loss=float(metrics["reduced_train_loss"]) if "reduced_train_loss" in metrics else None,
         val_loss=float(metrics["val_loss"]) if "val_loss" in metrics else None,
+        throughput=throughput.average_metrics if throughput else None,
     )
+    if trainer.is_global_zero and trainer.logger:
+        (result.log_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result

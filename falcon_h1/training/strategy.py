@@ -12,8 +12,6 @@ group):
 - a CPU (gloo) debug mode.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import importlib.util
 import logging

@@ -1,0 +1,68 @@
+"""The tasks a user runs, as plain functions: what recipes configure and the CLI launches.
+
+    pretrain(model, data, trainer, resume)   train from scratch or continue a run
+    finetune(model, data, trainer, resume)   train starting from a checkpoint's weights
+    import_ckpt(source, output)              Hugging Face Falcon-H1 directory -> checkpoint
+    export_ckpt(checkpoint, output)          checkpoint -> Hugging Face directory
+
+Each takes built objects (a FalconH1Module, a data module, a Trainer, an AutoResume), so the same
+call works from a fiddle recipe (`run.Partial(pretrain, model=..., ...)`), the command line
+(`falcon-h1 pretrain --factory tiny`, or `nemo falcon pretrain ...`: each is a nemo-run entrypoint
+of the namespace "falcon") and a notebook.
+"""
+
+from pathlib import Path
+
+import nemo_run as run
+import pytorch_lightning as pl
+
+from falcon_h1.run_context import FalconRunContext
+from falcon_h1.training.checkpoint import AutoResume
+from falcon_h1.training.pretrain import TrainingResult
+from falcon_h1.training.pretrain import pretrain as _train
+
+
+@run.cli.entrypoint(namespace="falcon", run_ctx_cls=FalconRunContext,
+                    help="Pretrain a Falcon-H1 model (a recipe: --factory NAME)")
+def pretrain(model: pl.LightningModule, data: pl.LightningDataModule, trainer: pl.Trainer,
+             resume: AutoResume | None = None) -> TrainingResult:
+    """Pretrain `model` on `data`; continues from the run's latest complete checkpoint if there
+    is one (resume=AutoResume(resume_if_exists=False) to start over)."""
+    return _train(model, data, trainer, resume)
+
+
+@run.cli.entrypoint(namespace="falcon", run_ctx_cls=FalconRunContext,
+                    help="Fine-tune from a checkpoint (a recipe: --factory NAME)")
+def finetune(model: pl.LightningModule, data: pl.LightningDataModule, trainer: pl.Trainer,
+             resume: AutoResume) -> TrainingResult:
+    """Train `model` starting from the weights of `resume.restore_weights_from` (a checkpoint of
+    ours or one made by `import_ckpt`); a fine-tuning run that was interrupted continues from its
+    own latest checkpoint instead."""
+    if resume is None or not (resume.restore_weights_from or resume.resume_from_path):
+        raise ValueError("finetune needs the checkpoint to start from: resume=AutoResume(restore_weights_from=PATH) "
+                         "(on the command line: resume.restore_weights_from=PATH)")
+    return _train(model, data, trainer, resume)
+
+
+@run.cli.entrypoint(name="import", namespace="falcon", enable_executor=False,
+                    help="Hugging Face Falcon-H1 directory -> checkpoint: source=DIR output=DIR")
+def import_ckpt(source: str, output: str, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Convert a local Hugging Face Falcon-H1 directory into a checkpoint (docs/conversion.md)."""
+    import torch
+
+    from falcon_h1.convert.hf_import import import_hf_checkpoint
+
+    return import_hf_checkpoint(source, output, dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+
+
+@run.cli.entrypoint(name="export", namespace="falcon", enable_executor=False,
+                    help="Checkpoint -> Hugging Face Falcon-H1 directory: checkpoint=DIR output=DIR")
+def export_ckpt(checkpoint: str, output: str, overwrite: bool = False, dtype: str | None = None,
+                max_shard_size: str = "5GB") -> Path:
+    """Write a checkpoint as a Hugging Face Falcon-H1 directory (docs/conversion.md)."""
+    import torch
+
+    from falcon_h1.convert.hf_export import export_hf_checkpoint
+
+    return export_hf_checkpoint(checkpoint, output, dtype=getattr(torch, dtype) if dtype else None,
+                                max_shard_size=max_shard_size, overwrite=overwrite)

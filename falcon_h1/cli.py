@@ -1,0 +1,46 @@
+"""The `falcon-h1` command: nemo-run's CLI for the entrypoints of falcon_h1.api.
+
+    falcon-h1 pretrain --factory falcon_h1_1p5b trainer.max_steps=1000 run.executor=local run.executor.devices=8
+    falcon-h1 pretrain --factory tiny --dryrun          # print what would run
+    falcon-h1 pretrain --factory tiny --to-yaml t.yaml  # the whole config as YAML; run it with --yaml t.yaml
+    falcon-h1 finetune --factory falcon_h1_7b resume.restore_weights_from=ckpts/falcon-h1-7b
+    falcon-h1 import source=hf/Falcon-H1-7B-Base output=ckpts/falcon-h1-7b
+    falcon-h1 export checkpoint=runs/x/checkpoints/step=0001000 output=exports/x
+
+`nemo falcon ...` is the same (the package registers the namespace with nemo-run). Unlike
+nemo-run's own command, this one exits non-zero when the command fails (a typo, a bad value).
+"""
+
+import sys
+
+NAMESPACE = "falcon"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import warnings
+
+    os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
+    # The local executor launches `torchrun`: the one of this interpreter, even if not on PATH.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    warnings.filterwarnings("ignore")
+    from nemo_run.cli.api import create_cli
+
+    import falcon_h1.api  # noqa: F401  (registers the entrypoints)
+    import recipes  # noqa: F401  (registers the recipe and executor factories)
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [f"{sys.argv[0]}", NAMESPACE, *args]
+    app = create_cli()
+    try:
+        status = app(standalone_mode=False)  # nemo-run's errors end as typer.Exit(1): returned here
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 1
+    except Exception as error:  # click usage errors (an unknown command, a bad option)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Factories every recipe shares: model, optimizer + schedule, strategy, trainer, data, resume.
+
+Each returns a fiddle config (`run.Config` / `run.Partial`), nothing is built until the job runs:
+a recipe for a 34B model costs nothing to make, print, edit or serialize. A size module (e.g.
+falcon_h1_1p5b.py) holds only a `Size` - what differs between sizes - and thin named factories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nemo_run as run
+import pytorch_lightning as pl
+from megatron.core.optimizer import OptimizerConfig
+
+from falcon_h1.api import finetune, pretrain
+from falcon_h1.data.default_corpus import default_corpus_data
+from falcon_h1.data.pretraining import MockDataModule, PreTrainingDataModule
+from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.presets import PRESETS, preset_fields
+from falcon_h1.training.checkpoint import AutoResume
+from falcon_h1.training.module import FalconH1Module
+from falcon_h1.training.optim import LRSchedule
+from falcon_h1.training.pretrain import build_trainer
+from falcon_h1.training.strategy import MegatronStrategy
+
+
+@dataclass(frozen=True)
+class Size:
+    """The defaults of one model size (each size module documents why)."""
+
+    preset: str
+    seq_length: int
+    global_batch_size: int
+    micro_batch_size: int
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    num_nodes: int = 1
+    num_gpus_per_node: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 500
+    max_steps: int = 100_000
+
+
+# Falcon-H1's post-training settings (falcon_h1_reference.md): AdamW 0.9/0.95, no weight decay,
+# LR 128e-6 at ~1M-token batches with WSD decay to LR/8; LR scales with sqrt(batch / 1M tokens).
+FINETUNE_LR = 128e-6
+FINETUNE_WARMUP_STEPS = 50
+
+
+def model_config(preset: str, **overrides) -> run.Config[FalconH1Config]:
+    """The FalconH1Config of a preset (docs/models.md) with field overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Falcon-H1 preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return run.Config(FalconH1Config, **preset_fields(preset, **overrides))
+
+
+def optimizer(lr: float = 3e-4, weight_decay: float = 0.1) -> run.Config[OptimizerConfig]:
+    """Megatron's distributed AdamW with Falcon-H1's settings: betas 0.9/0.95, clip 1.0, min LR lr/8."""
+    return run.Config(OptimizerConfig, optimizer="adam", lr=lr, min_lr=lr / 8, weight_decay=weight_decay,
+                      adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True)
+
+
+def wsd_schedule(warmup_steps: int = 500, decay_fraction: float = 0.1) -> run.Config[LRSchedule]:
+    """Warmup-stable-decay, Falcon-H1's schedule: linear warm-up, constant LR, exponential decay to
+    LR/8 over the last `decay_fraction` of the run."""
+    return run.Config(LRSchedule, warmup_steps=warmup_steps, decay_style="WSD", wsd_decay_fraction=decay_fraction,
+                      wsd_decay_style="exponential")
+
+
+def lightning_module(config: run.Config[FalconH1Config], lr: float, warmup_steps: int,
+                     weight_decay: float = 0.1) -> run.Config[pl.LightningModule]:
+    return run.Config(FalconH1Module, config=config, optimizer=optimizer(lr, weight_decay),
+                      lr_schedule=wsd_schedule(warmup_steps))
+
+
+def strategy(size: Size) -> run.Config[MegatronStrategy]:
+    return run.Config(MegatronStrategy, tensor_model_parallel_size=size.tensor_parallel,
+                      pipeline_model_parallel_size=size.pipeline_parallel,
+                      virtual_pipeline_model_parallel_size=size.virtual_pipeline,
+                      context_parallel_size=size.context_parallel, sequence_parallel=size.sequence_parallel)
+
+
+def trainer(size: Size, dir: str, max_steps: int, num_nodes: int, num_gpus_per_node: int,
+            val_check_interval: int = 500, limit_val_batches: int = 10, log_every_n_steps: int = 10,
+            checkpoint_every_n_steps: int = 1000, keep_last_k: int = 2,
+            precision: str | None = None) -> run.Config[pl.Trainer]:
+    """A Lightning Trainer under MegatronStrategy writing to `dir` (checkpoints/, tensorboard/,
+    loss plot, result.json). precision None: bf16-mixed on GPU, 32 on CPU."""
+    return run.Config(build_trainer, log_dir=dir, max_steps=max_steps, strategy=strategy(size), precision=precision,
+                      devices=num_gpus_per_node, num_nodes=num_nodes, val_check_interval=val_check_interval,
+                      limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
+                      checkpoint_every_n_steps=checkpoint_every_n_steps, keep_last_k=keep_last_k)
+
+
+def mock_data(size: Size) -> run.Config[pl.LightningDataModule]:
+    """Random tokens of the model's vocabulary: the default until `data=` points at a corpus."""
+    return run.Config(MockDataModule, vocab_size=PRESETS[size.preset]["vocab_size"], seq_length=size.seq_length,
+                      micro_batch_size=size.micro_batch_size, global_batch_size=size.global_batch_size)
+
+
+def indexed_data(paths, tokenizer_dir: str, size: Size) -> run.Config[pl.LightningDataModule]:
+    """Megatron indexed datasets (python -m falcon_h1.data.preprocess) with their tokenizer."""
+    return run.Config(PreTrainingDataModule, paths=paths, tokenizer_dir=tokenizer_dir, seq_length=size.seq_length,
+                      micro_batch_size=size.micro_batch_size, global_batch_size=size.global_batch_size)
+
+
+def corpus_data(size: Size) -> run.Config[pl.LightningDataModule]:
+    """The bundled corpus (the running Python's standard library, built on first use)."""
+    return run.Config(default_corpus_data, seq_length=size.seq_length, micro_batch_size=size.micro_batch_size,
+                      global_batch_size=size.global_batch_size)
+
+
+def pretrain_recipe(model: run.Config[pl.LightningModule], trainer: run.Config[pl.Trainer],
+                    data: run.Config[pl.LightningDataModule]) -> run.Partial:
+    """run.Partial(pretrain, ...): the model from scratch; continues from the latest checkpoint
+    under the trainer's directory if there is one."""
+    return run.Partial(pretrain, model=model, data=data, trainer=trainer,
+                       resume=run.Config(AutoResume, resume_if_exists=True))
+
+
+def finetune_recipe(size: Size, checkpoint: str | None, trainer: run.Config[pl.Trainer],
+                    data: run.Config[pl.LightningDataModule]) -> run.Partial:
+    """run.Partial(finetune, ...): all weights trained from `checkpoint` (ours, or one made by
+    `import` from a Hugging Face release) with Falcon-H1's post-training optimizer settings."""
+    return run.Partial(
+        finetune,
+        model=lightning_module(model_config(size.preset), FINETUNE_LR, FINETUNE_WARMUP_STEPS, weight_decay=0.0),
+        data=data, trainer=trainer,
+        resume=run.Config(AutoResume, resume_if_exists=True, restore_weights_from=checkpoint))

@@ -1,0 +1,47 @@
+"""Falcon-H1-0.5B (0.52B parameters).
+
+One 8x H100 node, pure data parallelism: the model, its fp32 gradients and the sharded
+AdamW state take a few GB per GPU, so TP would only add communication. 4096-token sequences,
+256 per step (about 1M tokens, the batch Falcon-H1's settings are quoted at), micro-batch 4.
+
+    recipe = falcon_h1_0p5b.pretrain_recipe(dir="runs/falcon_h1_0p5b")     # then run.run(recipe, executor=...)
+    falcon-h1 pretrain --factory falcon_h1_0p5b trainer.max_steps=1000
+"""
+
+
+import nemo_run as run
+import pytorch_lightning as pl
+
+from falcon_h1.api import finetune, pretrain
+from recipes import common
+from recipes.common import Size
+
+NAME = "falcon_h1_0p5b"
+SIZE = Size(preset="0.5b", seq_length=4096, global_batch_size=256, micro_batch_size=4)
+
+
+@run.cli.factory(name=NAME)
+def model() -> run.Config[pl.LightningModule]:
+    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_steps)
+
+
+@run.cli.factory(name=NAME)
+def trainer(dir: str = "runs/" + NAME, max_steps: int = SIZE.max_steps, num_nodes: int = SIZE.num_nodes,
+            num_gpus_per_node: int = SIZE.num_gpus_per_node) -> run.Config[pl.Trainer]:
+    return common.trainer(SIZE, dir, max_steps, num_nodes, num_gpus_per_node)
+
+
+@run.cli.factory(target=pretrain, name=NAME)
+def pretrain_recipe(dir: str | None = None, name: str = NAME, num_nodes: int = SIZE.num_nodes,
+                    num_gpus_per_node: int = SIZE.num_gpus_per_node, max_steps: int = SIZE.max_steps) -> run.Partial:
+    return common.pretrain_recipe(model(), trainer(dir or f"runs/{name}", max_steps, num_nodes, num_gpus_per_node),
+                                  common.mock_data(SIZE))
+
+
+@run.cli.factory(target=finetune, name=NAME)
+def finetune_recipe(checkpoint: str | None = None, dir: str | None = None, name: str = NAME,
+                    num_nodes: int = SIZE.num_nodes, num_gpus_per_node: int = SIZE.num_gpus_per_node,
+                    max_steps: int = 1000) -> run.Partial:
+    """Full fine-tuning from `checkpoint` (e.g. `falcon-h1 import` of the HF release)."""
+    return common.finetune_recipe(SIZE, checkpoint, trainer(dir or f"runs/{name}_finetune", max_steps, num_nodes,
+                                                            num_gpus_per_node), common.mock_data(SIZE))
