@@ -21,13 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
-    # The local executor launches `torchrun`: the one of this interpreter, even if not on PATH.
-    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     warnings.filterwarnings("ignore")
     from nemo_run.cli.api import create_cli
 
     import falcon_h1.api  # noqa: F401  (registers the entrypoints)
     import recipes  # noqa: F401  (registers the recipe and executor factories)
+    from recipes.executors import use_this_pythons_torchrun
+
+    use_this_pythons_torchrun()
 
     args = list(sys.argv[1:] if argv is None else argv)
     sys.argv = [f"{sys.argv[0]}", NAMESPACE, *args]

@@ -9,11 +9,19 @@ factory's arguments are set as `run.executor=local(devices=2)`, the executor's o
 """
 
 
+import os
+import sys
+
 import nemo_run as run
 
 # NCCL settings for H100 nodes that the project's tests use (NVLink SHARP multicast off: it is
 # not available on every machine and NCCL fails hard when it is asked for and absent).
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def use_this_pythons_torchrun() -> None:
+    """The local executor launches `torchrun` from PATH: make it this interpreter's."""
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
 @run.cli.factory(name="local")

@@ -1,0 +1,60 @@
+"""A pure-attention model of the same size as a Falcon-H1 recipe, for like-for-like comparisons.
+
+The Falcon-H1 layer keeps its shape except the mixer: all heads are attention heads
+(hidden_size / head_dim of them, the usual full-width attention, GQA groups as the original) and
+no Mamba heads; the MLP grows until the parameter count matches the hybrid's (within one
+multiple of 128 in the MLP width). Everything else - data, schedule, layout, steps - is the
+original recipe's, so the two runs differ only in the mixer.
+
+    recipe = attention_baseline.pretrain_recipe(size="falcon_h1_1p5b")
+    falcon-h1 pretrain --factory attention_baseline factory.size=...   (or in Python, above)
+"""
+
+import fiddle as fdl
+import nemo_run as run
+
+import recipes
+from falcon_h1.api import pretrain
+from falcon_h1.model.param_count import parameter_count
+from falcon_h1.model.presets import preset_fields
+
+NAME = "attention_baseline"
+WIDTH_MULTIPLE = 128
+
+
+def attention_only_fields(preset: str) -> dict:
+    """FalconH1Config fields of the pure-attention model matching `preset`'s parameter count."""
+    from falcon_h1.model.config import FalconH1Config
+
+    hybrid = FalconH1Config(**preset_fields(preset))
+    target = parameter_count(hybrid)["total"]
+    heads = hybrid.hidden_size // hybrid.kv_channels
+    groups = hybrid.num_query_groups if heads % hybrid.num_query_groups == 0 else 1
+
+    def config(ffn: int) -> FalconH1Config:
+        return FalconH1Config(**preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads,
+                                              num_query_groups=groups, ffn_hidden_size=ffn))
+
+    ffn = hybrid.ffn_hidden_size
+    while parameter_count(config(ffn + WIDTH_MULTIPLE))["total"] <= target:
+        ffn += WIDTH_MULTIPLE
+    return preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads, num_query_groups=groups,
+                         ffn_hidden_size=ffn)
+
+
+@run.cli.factory(target=pretrain, name=NAME)
+def pretrain_recipe(size: str = "falcon_h1_1p5b", dir: str | None = None, num_nodes: int | None = None,
+                    num_gpus_per_node: int | None = None, max_steps: int | None = None) -> run.Partial:
+    """`size`'s pretraining recipe (a name in recipes.SIZES) with its model replaced by the
+    pure-attention model of the same parameter count."""
+    if size not in recipes.SIZES:
+        raise ValueError(f"attention_baseline: unknown size {size!r}; choose one of {sorted(recipes.SIZES)}")
+    module = recipes.SIZES[size]
+    base = module.SIZE
+    recipe = module.pretrain_recipe(dir=dir or f"runs/{size}_{NAME}", num_nodes=num_nodes or base.num_nodes,
+                                    num_gpus_per_node=num_gpus_per_node or base.num_gpus_per_node,
+                                    max_steps=max_steps or base.max_steps)
+    from falcon_h1.model.config import FalconH1Config
+
+    recipe.model.config = fdl.Config(FalconH1Config, **attention_only_fields(base.preset))
+    return recipe

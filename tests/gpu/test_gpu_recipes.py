@@ -1,0 +1,99 @@
+"""Recipes through the falcon-h1 command line and the local executor on GPUs (2 needed).
+
+The tiny and 0.5B pretraining recipes on 1 and 2 GPUs (0.5B with mock data, 4096-token sequences,
+shortened to 20 steps), and the attention:Mamba ratio sweep at a reduced size on one GPU. To fit a
+lease, the 1-GPU runs share GPU 0 one after the other while the sweep has GPU 1 to itself (its
+tokens/s are compared across ratios); the 2-GPU runs follow. Results go to $OUT (result JSON of
+each run, the sweep's table, JSON and plot).
+
+    bash tests/gpu/run.sh OUT tests/gpu/test_gpu_recipes.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+
+OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))
+# FALCON_H1_GPU_RUNS lets a later call on the same machine reuse the runs that finished.
+RUNS = Path(os.environ.get("FALCON_H1_GPU_RUNS") or tempfile.mkdtemp(prefix="falcon_h1_gpu_recipes_"))
+RUNS.mkdir(parents=True, exist_ok=True)
+SHORT_0P5B = ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
+              "model.lr_schedule.warmup_steps=5", "data.global_batch_size=16"]
+SHORT_TINY = ["trainer.max_steps=100", "model.lr_schedule.warmup_steps=10"]
+SWEEP_STEPS = 150
+
+
+def command(args: list[str], gpus: str, log: Path, done: Path) -> dict:
+    if done.exists():
+        return {"code": 0, "log": log}
+    env = dict(os.environ, NEMORUN_HOME=str(RUNS / "nemorun"), CUDA_VISIBLE_DEVICES=gpus, COLUMNS="200",
+               PYTHONWARNINGS="ignore")
+    with open(log, "w") as output:
+        code = subprocess.run(args, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=1200).returncode
+    return {"code": code, "log": log}
+
+
+def recipe_run(factory: str, devices: int, overrides: list[str], gpus: str) -> dict:
+    name = f"{factory}_{devices}gpu"
+    args = [sys.executable, "-m", "falcon_h1.cli", "pretrain", "--factory", factory, *overrides,
+            f"trainer.log_dir={RUNS / name}", f"trainer.devices={devices}", "-y", "run.executor=local",
+            f"run.executor.ntasks_per_node={devices}"]
+    return dict(command(args, gpus, RUNS / f"{name}.log", RUNS / name / "result.json"), name=name, dir=RUNS / name)
+
+
+def sweep(gpus: str) -> dict:
+    args = [sys.executable, "-m", "recipes.ratio_sweep", "--dir", str(RUNS / "sweep"), "--max-steps", str(SWEEP_STEPS),
+            "--seq-length", "1024", "--global-batch-size", "32", "--micro-batch-size", "8"]
+    return dict(command(args, gpus, RUNS / "sweep.log", RUNS / "sweep" / "ratio_sweep.json"), name="ratio_sweep",
+                dir=RUNS / "sweep")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    def one_gpu_runs():
+        return [recipe_run("tiny", 1, SHORT_TINY, "0"), recipe_run("falcon_h1_0p5b", 1, SHORT_0P5B, "0")]
+
+    with ThreadPoolExecutor(2) as pool:
+        first, swept = pool.submit(one_gpu_runs), pool.submit(sweep, "1")
+        results = {r["name"]: r for r in [*first.result(), swept.result()]}
+    with ThreadPoolExecutor(2) as pool:  # the 2-GPU runs side by side on both GPUs
+        two = [pool.submit(recipe_run, "tiny", 2, SHORT_TINY, "0,1"),
+               pool.submit(recipe_run, "falcon_h1_0p5b", 2, SHORT_0P5B, "0,1")]
+        results.update({r["name"]: r for r in (f.result() for f in two)})
+    for r in results.values():
+        shutil.copy(r["log"], OUT / r["log"].name)
+    return results
+
+
+@pytest.mark.parametrize("name", ["tiny_1gpu", "tiny_2gpu", "falcon_h1_0p5b_1gpu", "falcon_h1_0p5b_2gpu"])
+def test_recipe_trains_through_the_local_executor(runs, name):
+    run = runs[name]
+    assert run["code"] == 0, run["log"].read_text()[-5000:]
+    result = json.loads((run["dir"] / "result.json").read_text())
+    (OUT / f"{name}.json").write_text(json.dumps({**result, "device": torch.cuda.get_device_name()}, indent=2))
+    print(name, json.dumps(result))
+    assert result["global_step"] == (100 if name.startswith("tiny") else 20)
+    assert result["val_loss"] < 8.0 if name.startswith("tiny") else result["val_loss"] < 10.6
+
+
+def test_ratio_sweep_on_one_gpu(runs):
+    run = runs["ratio_sweep"]
+    assert run["code"] == 0, run["log"].read_text()[-5000:]
+    for name in ("ratio_sweep.md", "ratio_sweep.json", "ratio_sweep.png"):
+        shutil.copy(run["dir"] / name, OUT / name)
+    rows = json.loads((run["dir"] / "ratio_sweep.json").read_text())
+    print((run["dir"] / "ratio_sweep.md").read_text())
+    assert [r["ratio"] for r in rows] == ["8:0", "6:2", "4:4", "2:6", "0:8"]
+    assert all(r["steps"] == SWEEP_STEPS and r["tokens_per_sec_per_gpu"] > 0 for r in rows)

@@ -1,0 +1,210 @@
+"""Recipes and the falcon-h1 command line.
+
+Every recipe builds and validates at its declared size and layout without allocating weights;
+--dryrun shows the torchrun command / sbatch script; the tiny recipe trains end to end through
+the CLI on CPU (asserted on its files, not on nemo-run's exit code) and its --to-yaml config runs
+back unchanged; typos and failed tasks exit non-zero naming the problem.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import fiddle as fdl
+import pytest
+
+import recipes
+from falcon_h1.model.param_count import parameter_count
+from falcon_h1.model.presets import NOMINAL_SIZES
+from recipes import attention_baseline, long_context, ratio_sweep
+from tests.conftest import REPO
+
+CLI = [sys.executable, "-m", "falcon_h1.cli"]
+
+
+def falcon_h1_cli(*args, tmp_path, timeout=600):
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+def built_config(recipe):
+    """The FalconH1Config of a recipe at the recipe's parallel layout (validated by the config)."""
+    import torch
+
+    strategy = recipe.trainer.strategy
+    pipeline = strategy.pipeline_model_parallel_size
+    return fdl.build(fdl.copy_with(
+        recipe.model.config, tensor_model_parallel_size=strategy.tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline, context_parallel_size=strategy.context_parallel_size,
+        virtual_pipeline_model_parallel_size=strategy.virtual_pipeline_model_parallel_size,
+        sequence_parallel=strategy.sequence_parallel, pipeline_dtype=torch.bfloat16 if pipeline > 1 else None))
+
+
+def check_layout(recipe):
+    strategy, trainer, data = recipe.trainer.strategy, recipe.trainer, recipe.data
+    config = built_config(recipe)
+    model_parallel = (strategy.tensor_model_parallel_size * strategy.pipeline_model_parallel_size
+                      * strategy.context_parallel_size)
+    world = trainer.devices * trainer.num_nodes
+    assert world % model_parallel == 0, (world, model_parallel)
+    data_parallel = world // model_parallel
+    assert data.global_batch_size % (data.micro_batch_size * data_parallel) == 0
+    stages = strategy.pipeline_model_parallel_size * (strategy.virtual_pipeline_model_parallel_size or 1)
+    assert config.num_layers % stages == 0
+    assert data.seq_length % strategy.context_parallel_size == 0
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(recipes.SIZES))
+def test_recipe_builds_at_its_declared_size(name):
+    module = recipes.SIZES[name]
+    recipe = module.pretrain_recipe()
+    config = check_layout(recipe)
+    count = parameter_count(config)["total"]
+    nominal = NOMINAL_SIZES[module.SIZE.preset]
+    assert abs(count - nominal) <= 0.1 * nominal, (name, count, nominal)
+    lightning_module = fdl.build(recipe.model)
+    assert lightning_module.chunks is None  # no weights until configure_model on the training job
+    if recipe.data.__fn_or_cls__.__name__ == "MockDataModule":
+        assert recipe.data.vocab_size == config.vocab_size
+    finetune = module.finetune_recipe(checkpoint="ckpts/x")
+    assert finetune.resume.restore_weights_from == "ckpts/x"
+    assert finetune.model.optimizer.weight_decay == 0.0 and finetune.model.lr_schedule.decay_style == "WSD"
+
+
+@pytest.mark.parametrize("name", sorted(recipes.SIZES))
+def test_attention_baseline_has_the_same_size_and_no_mamba(name):
+    recipe = attention_baseline.pretrain_recipe(size=name)
+    config = check_layout(recipe)
+    hybrid = built_config(recipes.SIZES[name].pretrain_recipe())
+    assert config.mamba_num_heads == 0 and config.num_attention_heads > 0
+    ratio = parameter_count(config)["total"] / parameter_count(hybrid)["total"]
+    assert 0.97 <= ratio <= 1.0, ratio
+
+
+@pytest.mark.parametrize("name", sorted(long_context.LAYOUTS))
+def test_long_context_recipe_layout(name):
+    recipe = long_context.pretrain_recipe(size=name, checkpoint="ckpts/x")
+    config = check_layout(recipe)
+    assert recipe.data.seq_length == 131072 and config.max_position_embeddings >= 131072
+    assert config.recompute_granularity == "selective" and config.recompute_modules == ["core_attn"]
+    assert recipe.trainer.devices * recipe.trainer.num_nodes >= recipe.trainer.strategy.context_parallel_size
+    assert recipe.resume.restore_weights_from == "ckpts/x"
+
+
+def test_dryrun_with_the_local_executor_prints_the_torchrun_command(tmp_path):
+    done = falcon_h1_cli("pretrain", "--factory", "tiny", "--dryrun", "run.executor=local",
+                         "run.executor.ntasks_per_node=2", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    words = done.stdout.replace("'", " ").replace(",", " ").split()
+    assert "torchrun" in words
+    assert words[words.index("--nproc-per-node") + 1] == "2"
+    assert "Launching" not in done.stdout
+
+
+def test_dryrun_with_the_slurm_executor_shows_the_sbatch_script(tmp_path):
+    done = falcon_h1_cli(
+        "pretrain", "--factory", "falcon_h1_7b", "--dryrun", "run.executor=slurm", "run.executor.account=proj",
+        "run.executor.partition=batch", "run.executor.nodes=2", "run.executor.time=02:30:00",
+        "run.executor.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
+        f"run.executor.tunnel.job_dir={tmp_path / 'jobs'}", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = [line.strip(" │") for line in done.stdout.splitlines()]
+    for expected in ("#SBATCH --account=proj", "#SBATCH --partition=batch", "#SBATCH --nodes=2",
+                     "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --time=02:30:00"):
+        assert expected in script, expected
+    words = " ".join(done.stdout.replace("│", " ").split())  # the srun line wraps on the console
+    assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in words
+    assert "srun" in words and "nemo_run.core.runners.fdl_runner" in words
+
+
+def test_tiny_pretrain_through_the_cli_then_its_yaml_gives_the_same_config(tmp_path):
+    run_dir = tmp_path / "tiny"
+    overrides = ["trainer.max_steps=6", f"trainer.log_dir={run_dir}", "trainer.val_check_interval=3",
+                 "trainer.limit_val_batches=2", "model.lr_schedule.warmup_steps=2"]
+    done = falcon_h1_cli("pretrain", "--factory", "tiny", *overrides, "-y", "run.executor=local", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["global_step"] == 6 and result["val_loss"] < 8.5
+    assert (run_dir / "checkpoints" / "step=0000006" / "weights" / "metadata.json").is_file()
+    assert (run_dir / "loss.png").is_file() and list((run_dir / "tensorboard").iterdir())
+    assert "step 6/6" in done.stdout
+
+    exported = falcon_h1_cli("pretrain", "--factory", "tiny", *overrides, "--to-yaml", tmp_path / "tiny.yaml",
+                             tmp_path=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    again = falcon_h1_cli("pretrain", "--yaml", tmp_path / "tiny.yaml", "--to-yaml", tmp_path / "again.yaml",
+                          tmp_path=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "again.yaml").read_text() == (tmp_path / "tiny.yaml").read_text()
+    assert f"log_dir: {run_dir}" in (tmp_path / "tiny.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--factory", "tinyy"], "No matching factory found for: tinyy"),
+    (["--factory", "tiny", "trainer.max_stepz=3"], "No parameter named 'max_stepz'"),
+    (["--factory", "tiny", "trainer.max_steps=abc"], "Failed to parse 'abc'"),
+])
+def test_cli_typos_fail_naming_the_problem(tmp_path, args, message):
+    done = falcon_h1_cli("pretrain", *args, "--dryrun", tmp_path=tmp_path)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr
+
+
+def test_a_failed_task_fails_the_command(tmp_path):
+    # Warm-up longer than the run: the job raises when it builds its LR schedule.
+    done = falcon_h1_cli("pretrain", "--factory", "tiny", "trainer.max_steps=3", f"trainer.log_dir={tmp_path / 'r'}",
+                         "-y", "run.executor=local", tmp_path=tmp_path)
+    assert done.returncode != 0
+    assert "did not write" in done.stdout + done.stderr
+    assert "warmup_steps=30 must be below the decay horizon 3" in done.stdout + done.stderr
+
+
+def test_import_and_export_commands(tmp_path):
+    from falcon_h1.parity import make_hf_model
+
+    make_hf_model(seed=3).save_pretrained(tmp_path / "hf")
+    done = falcon_h1_cli("import", "-y", f"source={tmp_path / 'hf'}", f"output={tmp_path / 'ckpt'}",
+                         tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "weights" / "metadata.json").is_file()
+    done = falcon_h1_cli("export", "-y", f"checkpoint={tmp_path / 'ckpt'}", f"output={tmp_path / 'out'}",
+                         tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file() and (tmp_path / "out" / "config.json").is_file()
+    again = falcon_h1_cli("import", "-y", f"source={tmp_path / 'hf'}", f"output={tmp_path / 'ckpt'}",
+                          tmp_path=tmp_path)
+    assert again.returncode != 0 and "already exists" in again.stdout + again.stderr
+
+
+def test_nemo_falcon_namespace(tmp_path):
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path), COLUMNS="200")
+    nemo = os.path.join(os.path.dirname(sys.executable), "nemo")
+    done = subprocess.run([nemo, "falcon", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for command in ("pretrain", "finetune", "import", "export"):
+        assert command in done.stdout
+
+
+def test_ratio_sweep_runs_and_writes_its_table_and_plot(tmp_path):
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), PYTHONWARNINGS="ignore")
+    done = subprocess.run(
+        [sys.executable, "-m", "recipes.ratio_sweep", "--dir", tmp_path / "sweep", "--max-steps", "4", "--seq-length",
+         "128", "--global-batch-size", "4", "--micro-batch-size", "2", "--num-layers", "2", "--hidden-size", "128",
+         "--ratios", "8:0", "0:8", "--mock-data"], capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "sweep" / "ratio_sweep.json").read_text())
+    assert [r["ratio"] for r in rows] == ["8:0", "0:8"]
+    assert all(r["steps"] == 4 and r["tokens_per_sec_per_gpu"] > 0 for r in rows)
+    assert (tmp_path / "sweep" / "ratio_sweep.png").stat().st_size > 1000
+    assert "| 0:8 | 4 |" in (tmp_path / "sweep" / "ratio_sweep.md").read_text()
+
+
+def test_every_sweep_ratio_builds():
+    tasks = ratio_sweep.sweep_tasks(dir="runs/sweep")
+    assert list(tasks) == ["attn8_mamba0", "attn6_mamba2", "attn4_mamba4", "attn2_mamba6", "attn0_mamba8"]
+    for task in tasks.values():
+        config = fdl.build(task.model.config)
+        assert config.num_attention_heads + config.mamba_num_heads == 8
