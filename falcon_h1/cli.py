@@ -22,17 +22,20 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
     warnings.filterwarnings("ignore")
-    from nemo_run.cli.api import create_cli
+    from nemo_run.cli.api import _add_typer_nested, list_entrypoints
+    from typer import Typer
 
     import falcon_h1.api  # noqa: F401  (registers the entrypoints)
     import recipes  # noqa: F401  (registers the recipe and executor factories)
     from recipes.executors import use_this_pythons_torchrun
 
     use_this_pythons_torchrun()
-
+    # The namespace's commands straight from nemo-run's registry: this works whether or not the
+    # package is installed (nemo-run's own `nemo` command finds it through the entry point).
+    app = Typer(pretty_exceptions_enable=False)
+    _add_typer_nested(app, {NAMESPACE: list_entrypoints()[NAMESPACE]})
     args = list(sys.argv[1:] if argv is None else argv)
     sys.argv = [f"{sys.argv[0]}", NAMESPACE, *args]
-    app = create_cli()
     try:
         status = app(standalone_mode=False)  # nemo-run's errors end as typer.Exit(1): returned here
     except SystemExit as exit:
