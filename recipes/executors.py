@@ -8,7 +8,6 @@ factory's arguments are set as `run.executor=local(devices=2)`, the executor's o
 `run.executor.FIELD=VALUE` (e.g. `run.executor.ntasks_per_node=2`).
 """
 
-
 import os
 import sys
 

@@ -8,7 +8,6 @@ AdamW state take a few GB per GPU, so TP would only add communication. 4096-toke
     falcon-h1 pretrain --factory falcon_h1_0p5b trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 

@@ -8,7 +8,6 @@ sequences, 256 per step (about 1M tokens), micro-batch 2.
     falcon-h1 pretrain --factory falcon_h1_1p5b trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 

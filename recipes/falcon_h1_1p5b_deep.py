@@ -3,10 +3,9 @@
 Same budget as the 1.5B (data parallel on one 8x H100 node, about 1M tokens per step); its 66
 narrower layers keep more activations per token, hence micro-batch 1.
 
-    recipe = falcon_h1_1p5b_deep.pretrain_recipe(dir="runs/falcon_h1_1p5b_deep")     # then run.run(recipe, executor=...)
+    recipe = falcon_h1_1p5b_deep.pretrain_recipe(dir="runs/falcon_h1_1p5b_deep")  # then run.run(recipe, ...)
     falcon-h1 pretrain --factory falcon_h1_1p5b_deep trainer.max_steps=1000
 """
-
 
 import nemo_run as run
 import pytorch_lightning as pl

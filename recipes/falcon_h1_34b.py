@@ -8,7 +8,6 @@ TP=4 with sequence parallelism within a node and 2 pipeline stages of 2 virtual 
     falcon-h1 pretrain --factory falcon_h1_34b trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 

@@ -7,7 +7,6 @@ AdamW state sharded); 4096-token sequences, 256 per step (about 1M tokens), micr
     falcon-h1 pretrain --factory falcon_h1_3b trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 

@@ -8,7 +8,6 @@ over the rest. 8192-token sequences, 128 per step (about 1M tokens), micro-batch
     falcon-h1 pretrain --factory falcon_h1_7b trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 

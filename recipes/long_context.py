@@ -1,7 +1,8 @@
 """Long-context training: 128k-token sequences with context parallelism.
 
 Each sequence is split over CP ranks (the mixer exchanges sequence for heads around its cores)
-and/or TP ranks with sequence parallelism on, and the attention core is recomputed in backward (selective recompute, "core_attn") so that only q, k, v stay in memory per layer.
+and/or TP ranks with sequence parallelism on, and the attention core is recomputed in backward
+(selective recompute, "core_attn") so that only q, k, v stay in memory per layer.
 Falcon-H1 extends context after pretraining (16k, then 128k), so the recipe starts from a
 checkpoint's weights by default; 8 sequences per step (1M tokens).
 

@@ -8,7 +8,6 @@ tolerates it), 10% warm-up; validation every 50 steps.
     falcon-h1 pretrain --factory tiny trainer.max_steps=1000
 """
 
-
 import nemo_run as run
 import pytorch_lightning as pl
 
@@ -29,7 +28,8 @@ def model() -> run.Config[pl.LightningModule]:
 @run.cli.factory(name=NAME)
 def trainer(dir: str = "runs/" + NAME, max_steps: int = SIZE.max_steps, num_nodes: int = SIZE.num_nodes,
             num_gpus_per_node: int = SIZE.num_gpus_per_node) -> run.Config[pl.Trainer]:
-    return common.trainer(SIZE, dir, max_steps, num_nodes, num_gpus_per_node, val_check_interval=50, limit_val_batches=8, checkpoint_every_n_steps=100)
+    return common.trainer(SIZE, dir, max_steps, num_nodes, num_gpus_per_node, val_check_interval=50,
+                          limit_val_batches=8, checkpoint_every_n_steps=100)
 
 
 @run.cli.factory(target=pretrain, name=NAME)

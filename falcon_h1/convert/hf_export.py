@@ -38,7 +38,8 @@ def export_hf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     try:
         config = config_from_hf(hf_config)
     except (ValueError, TypeError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {path}: its context/config.json is not a Falcon-H1 config ({error})") from error
+        raise CheckpointError(f"checkpoint {path}: its context/config.json is not a Falcon-H1 config "
+                              f"({error})") from error
     weights = CheckpointWeights(path / checkpoint_io.WEIGHTS_DIR)
 
     planned, cache = [], {}
@@ -58,7 +59,8 @@ def export_hf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
             pieces.append(torch.empty(shape, dtype=stored, device="meta"))
         out_dtype = dtype or pieces[0].dtype
         for i, (name, meta) in enumerate(zip(link.hf, link.to_hf(pieces))):
-            planned.append(PlannedTensor(name, tuple(meta.shape), out_dtype, _producer(link, i, weights, config, cache, out_dtype)))
+            produce = _producer(link, i, weights, config, cache, out_dtype)
+            planned.append(PlannedTensor(name, tuple(meta.shape), out_dtype, produce))
 
     meter = Progress(f"export {path.name}", sum(t.nbytes for t in planned), len(planned), progress)
     with staged_output(output, overwrite) as staging:

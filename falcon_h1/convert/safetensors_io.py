@@ -193,7 +193,8 @@ def write_shard(path: Path, tensors: list[PlannedTensor], on_tensor: Callable[[i
         for t in tensors:
             value = t.produce()
             if tuple(value.shape) != t.shape or value.dtype != t.dtype:
-                raise RuntimeError(f"{t.name}: produced {tuple(value.shape)} {value.dtype}, planned {t.shape} {t.dtype}")
+                raise RuntimeError(f"{t.name}: produced {tuple(value.shape)} {value.dtype}, "
+                                   f"planned {t.shape} {t.dtype}")
             f.write(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))
             if on_tensor is not None:
                 on_tensor(t.nbytes)
