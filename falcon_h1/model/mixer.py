@@ -36,6 +36,7 @@ from megatron.core.utils import (
 )
 from torch.utils.checkpoint import checkpoint
 
+from falcon_h1.inference.cache import attend_to_cache, conv_step, ssm_step, store_keys_values
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
 from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
 from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
@@ -193,8 +194,9 @@ class HybridMixer(MegatronModule):
         """hidden_states [s, b, h] (s / TP under sequence parallelism, s = this rank's chunk of the
         sequence under context parallelism) -> (out [s, b, h], bias). rotary_pos_emb covers the
         whole sequence."""
-        if inference_context is not None:
-            raise NotImplementedError("HybridMixer has no inference cache yet")
+        cache = inference_context  # generation: a falcon_h1.inference.cache.HybridCache
+        if cache is not None and (self.cp is not None or self.config.sequence_parallel):
+            raise NotImplementedError("generation runs without context or sequence parallelism")
         core = self.core
         proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
         proj = proj * self.in_proj_scale.to(proj.dtype)
@@ -207,10 +209,14 @@ class HybridMixer(MegatronModule):
         attn_proj, ssm_proj = proj[..., :core.attention_rows], proj[..., core.attention_rows:]
         streams = []
         if core.attention_heads:
-            attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
+            if cache is None:
+                attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
+            else:
+                attn = self._attention_with_cache(attn_proj, rotary_pos_emb, cache)
             streams.append(attn * self.config.attention_out_multiplier)
         if core.mamba_heads:
-            streams.append(self._ssm(ssm_proj) * self.config.ssm_out_multiplier)
+            ssm = self._ssm(ssm_proj) if cache is None else self._ssm_with_cache(ssm_proj, cache)
+            streams.append(ssm * self.config.ssm_out_multiplier)
         mixed = torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
         if self.cp is not None:
             mixed = heads_to_sequence(mixed, (core.attention_out_cols, core.d_ssm), self.cp_group)
@@ -235,30 +241,55 @@ class HybridMixer(MegatronModule):
                 bias = param * multiplier if bias is None else bias + param * multiplier
         return bias
 
-    def _attention(self, proj, rotary_pos_emb, attention_mask, packed_seq_params):
+    def _split_qkv(self, proj):
         layout = self.core
         s, b = proj.shape[:2]
         hd = layout.head_dim
         q_rows, kv_rows = layout.attention_heads * hd, layout.kv_heads * hd
         q, k, v = proj.split([q_rows, kv_rows, kv_rows], dim=-1)
-        q = q.reshape(s, b, layout.attention_heads, hd)
-        k = k.reshape(s, b, layout.kv_heads, hd)
-        v = v.reshape(s, b, layout.kv_heads, hd)
-        q = apply_rotary_pos_emb(q, rotary_pos_emb, config=self.config)
-        k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
+        return (q.reshape(s, b, layout.attention_heads, hd), k.reshape(s, b, layout.kv_heads, hd),
+                v.reshape(s, b, layout.kv_heads, hd))
+
+    def _core_attention(self, q, k, v, attention_mask, packed_seq_params):
         if self.recompute_core_attention and self.training:
             # Keep q, k, v; recompute scores and softmax in backward. Megatron's RNG tracker is not
             # forked: Falcon-H1 has no attention dropout (checkpoint restores torch's RNG anyway).
-            out = checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False,
-                             attn_mask_type=AttnMaskType.causal, packed_seq_params=packed_seq_params)
-        else:
-            out = self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal,
-                                      packed_seq_params=packed_seq_params)
+            return checkpoint(self.core_attention, q, k, v, attention_mask, use_reentrant=False,
+                              attn_mask_type=AttnMaskType.causal, packed_seq_params=packed_seq_params)
+        return self.core_attention(q, k, v, attention_mask, attn_mask_type=AttnMaskType.causal,
+                                   packed_seq_params=packed_seq_params)
+
+    def _attention_output(self, out):
+        """[s, b, heads * head_dim] -> the columns this rank feeds to the out-projection."""
+        layout = self.core
         if layout.attention_replicas > 1:
             # Replicas of these heads each feed their own part of head_dim to the out-projection.
-            out = out.reshape(s, b, layout.attention_heads, hd)[..., layout.attention_out_dims]
+            s, b = out.shape[:2]
+            out = out.reshape(s, b, layout.attention_heads, layout.head_dim)[..., layout.attention_out_dims]
             out = out.reshape(s, b, -1)
         return out
+
+    def _attention(self, proj, rotary_pos_emb, attention_mask, packed_seq_params):
+        q, k, v = self._split_qkv(proj)
+        q = apply_rotary_pos_emb(q, rotary_pos_emb, config=self.config)
+        k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
+        return self._attention_output(self._core_attention(q, k, v, attention_mask, packed_seq_params))
+
+    def _attention_with_cache(self, proj, rotary_table, cache):
+        """Generation: RoPE at each row's own positions, keys/values appended to the cache; a prompt
+        (prefill) attends causally to itself, a new token to its row's cached keys."""
+        q, k, v = self._split_qkv(proj)
+        s, b = q.shape[:2]
+        freqs = rotary_table[cache.positions(s)].squeeze(2)  # [s, b, 1, d]
+        q = apply_rotary_pos_emb(q, freqs, config=self.config)
+        k = apply_rotary_pos_emb(k, freqs, config=self.config)
+        layer = cache.layer(self.layer_number)
+        store_keys_values(cache, layer, k, v)
+        if cache.prefilling:
+            out = self._core_attention(q, k, v, None, None)
+        else:
+            out = attend_to_cache(cache, layer, q, scale=self.core.head_dim ** -0.5).reshape(s, b, -1)
+        return self._attention_output(out)
 
     def _ssm(self, proj):
         layout, config = self.core, self.config
@@ -266,7 +297,7 @@ class HybridMixer(MegatronModule):
         heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
         d = layout.d_ssm
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
-        conv_weight, conv_bias, A_log, D, dt_bias, norm_weight = self._core_mamba_params()
+        conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
 
         xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias,
                             backend=config.kernel_backend)  # [b, channels, s]
@@ -277,7 +308,45 @@ class HybridMixer(MegatronModule):
             chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
             dt_limit=config.mamba_time_step_limit, backend=config.kernel_backend,
         ).reshape(b, s, d)
+        return self._ssm_output(y, z)
 
+    def _ssm_with_cache(self, proj, cache):
+        """Generation: a prompt (prefill) runs the chunked scan and leaves its final conv and SSM
+        states in the cache; a new token takes one recurrent step from them."""
+        layout, config = self.core, self.config
+        s, b = proj.shape[:2]
+        heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
+        d = layout.d_ssm
+        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
+        conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
+        A = -torch.exp(A_log.float())
+        layer = cache.layer(self.layer_number)
+        if cache.prefilling:
+            inputs = xBC.permute(1, 2, 0)  # [b, channels, s]
+            width = conv_weight.shape[-1]
+            if layer.conv_state is None:
+                layer.conv_state = inputs.new_zeros(cache.batch_size, inputs.shape[1], width - 1)
+                layer.ssm_state = inputs.new_zeros(cache.batch_size, heads, p, n, dtype=torch.float32)
+            layer.conv_state[cache.rows] = F.pad(inputs, (width - 1, 0))[..., -(width - 1):]
+            conv = causal_conv1d(inputs, conv_weight, conv_bias, backend=config.kernel_backend)
+            x, B, C = conv.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
+            y, state = ssd_scan(
+                x.reshape(b, s, heads, p), dt.transpose(0, 1), A, B.reshape(b, s, groups, n),
+                C.reshape(b, s, groups, n), chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
+                dt_limit=config.mamba_time_step_limit, return_final_state=True, backend=config.kernel_backend)
+            layer.ssm_state[cache.rows] = state.float()
+        else:
+            conv = conv_step(layer, xBC[0], conv_weight, conv_bias)  # one token: [b, channels]
+            x, B, C = conv.split([d, groups * n, groups * n], dim=-1)
+            y = ssm_step(layer, x.reshape(b, heads, p), dt[0], A, B.reshape(b, groups, n), C.reshape(b, groups, n),
+                         D, dt_bias, config.mamba_time_step_limit)
+        return self._ssm_output(y.reshape(b, s, d), z)
+
+    def _ssm_output(self, y, z):
+        """The gate (with the grouped RMSNorm when the model has it): y [b, s, d], z [s, b, d] ->
+        [s, b, d]."""
+        layout, config = self.core, self.config
+        norm_weight = self._core_mamba_params()[-1]
         z = z.transpose(0, 1)
         if norm_weight is None:
             y = y * F.silu(z)
@@ -285,7 +354,7 @@ class HybridMixer(MegatronModule):
             group_size = config.d_ssm // config.mamba_num_groups
             sum_squares = None
             if layout.ssm_group_replicas > 1:
-                group = layout.segment("B").offset // n
+                group = layout.segment("B").offset // layout.state_dim
 
                 def sum_squares(local):
                     return group_sum_across_ranks(local, group, config.mamba_num_groups, self.norm_group)

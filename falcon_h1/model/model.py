@@ -120,7 +120,10 @@ class FalconH1Model(LanguageModule):
             decoder_input = decoder_input * self.config.embedding_multiplier
 
         rotary_pos_emb = None
-        if self.config.num_attention_heads:
+        if self.config.num_attention_heads and inference_context is not None:
+            # Generation: angles of every cacheable position; each row picks its own (HybridCache).
+            rotary_pos_emb = self.rotary_pos_emb(inference_context.max_length, decoder_input.device)
+        elif self.config.num_attention_heads:
             local = self.decoder.input_tensor if self.decoder.input_tensor is not None else decoder_input
             seq_len = local.size(0)
             if self.config.sequence_parallel:
