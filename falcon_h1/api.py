@@ -4,6 +4,7 @@
     finetune(model, data, trainer, resume)   train starting from a checkpoint's weights
     import_ckpt(source, output)              Hugging Face Falcon-H1 directory -> checkpoint
     export_ckpt(checkpoint, output)          checkpoint -> Hugging Face directory
+    generate_text(checkpoint, prompts)       continue text prompts with a checkpoint
 
 Each takes built objects (a FalconH1Module, a data module, a Trainer, an AutoResume), so the same
 call works from a fiddle recipe (`run.Partial(pretrain, model=..., ...)`), the command line
@@ -66,3 +67,17 @@ def export_ckpt(checkpoint: str, output: str, overwrite: bool = False, dtype: st
 
     return export_hf_checkpoint(checkpoint, output, dtype=getattr(torch, dtype) if dtype else None,
                                 max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+@run.cli.entrypoint(name="generate", namespace="falcon", enable_executor=False,
+                    help="Continue text prompts with a checkpoint: checkpoint=DIR prompts='[\"...\"]' max_new_tokens=N")
+def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    """Greedy (temperature 0) or sampled continuations of `prompts` by the checkpoint's model, with
+    its tokenizer; prints each prompt and its completion."""
+    from falcon_h1.inference.text import generate_from_checkpoint
+
+    completions = generate_from_checkpoint(checkpoint, prompts, max_new_tokens, temperature, top_p, seed)
+    for prompt, completion in zip(prompts, completions):
+        print(f"--- prompt: {prompt!r}\n{prompt}{completion}")
+    return completions

@@ -34,3 +34,13 @@ def test_tiny_model_trains_on_the_bundled_corpus_and_its_validation_loss_falls(t
         validation = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f) if row["split"] == "val"}
     assert sorted(validation) == [0, 50, 100, 150, 200]
     assert validation[200] < 0.6 * validation[0], validation
+
+    # The checkpoint generates text with its own tokenizer (greedy; correctness: test_generation.py).
+    env["NEMORUN_HOME"] = str(tmp_path / "nemorun")
+    done = subprocess.run([sys.executable, "-m", "falcon_h1.cli", "generate", "-y", f"checkpoint={checkpoint}",
+                           'prompts=["import os\\n", "    def "]', "max_new_tokens=24"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "--- prompt: 'import os\\n'" in done.stdout and "--- prompt: '    def '" in done.stdout
+    completion = done.stdout.split("--- prompt: '    def '")[1]
+    assert len(completion.strip()) > len("def") + 4
