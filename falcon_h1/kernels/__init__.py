@@ -44,25 +44,50 @@ def _gpu_kernel(tensor: torch.Tensor, backend: str, module: str) -> bool:
 
 
 def ssd_scan(x, dt, A, B, C, *, chunk_size, D, dt_bias, dt_limit, initial_state=None,
-             return_final_state=False, backend="auto"):
-    """SSD scan over x [b, l, h, p] with raw dt [b, l, h] (bias, softplus and clamp applied here)."""
+             return_final_state=False, seq_idx=None, backend="auto"):
+    """SSD scan over x [b, l, h, p] with raw dt [b, l, h] (bias, softplus and clamp applied here).
+    seq_idx [b, l]: document of each token of packed rows; the state restarts at each document."""
     if _gpu_kernel(x, backend, "falcon_h1.kernels.mamba_ssm_triton"):
         from falcon_h1.kernels.mamba_ssm_triton import mamba_chunk_scan_combined
 
         return mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,
-            dt_softplus=True, dt_limit=tuple(dt_limit), return_final_states=return_final_state,
+            seq_idx=None if seq_idx is None else seq_idx.int(), dt_softplus=True, dt_limit=tuple(dt_limit),
+            return_final_states=return_final_state,
         )
+    if seq_idx is not None:  # each document alone: exact, and this path is for CPU and tests
+        if initial_state is not None or return_final_state:
+            raise ValueError("ssd_scan over packed documents takes no initial state and returns no final state")
+        rows = []
+        for row in range(x.shape[0]):
+            pieces = [ssd_scan(x[row:row + 1, a:e], dt[row:row + 1, a:e], A, B[row:row + 1, a:e], C[row:row + 1, a:e],
+                               chunk_size=chunk_size, D=D, dt_bias=dt_bias, dt_limit=dt_limit, backend="torch")
+                      for a, e in document_segments(seq_idx[row])]
+            rows.append(torch.cat(pieces, dim=1))
+        return torch.cat(rows)
     dt = discretize_dt(dt, dt_bias, dt_limit)
     return ssd_scan_torch(x, dt, A, B, C, chunk_size, D=D, initial_state=initial_state,
                           return_final_state=return_final_state)
 
 
-def causal_conv1d(x, weight, bias, *, backend="auto"):
-    """Causal depthwise conv1d + SiLU over x [b, d, l] with weight [d, 1, k]."""
+def causal_conv1d(x, weight, bias, *, seq_idx=None, backend="auto"):
+    """Causal depthwise conv1d + SiLU over x [b, d, l] with weight [d, 1, k]. seq_idx [b, l]:
+    document of each token of packed rows; no output sees inputs of an earlier document."""
     if _gpu_kernel(x, backend, "causal_conv1d"):
-        return causal_conv1d_cuda(x, weight, bias)
-    return causal_conv1d_torch(x, weight, bias)
+        return causal_conv1d_cuda(x, weight, bias, seq_idx=seq_idx)
+    if seq_idx is None:
+        return causal_conv1d_torch(x, weight, bias)
+    rows = []
+    for row in range(x.shape[0]):
+        rows.append(torch.cat([causal_conv1d_torch(x[row:row + 1, :, a:e], weight, bias)
+                               for a, e in document_segments(seq_idx[row])], dim=-1))
+    return torch.cat(rows)
+
+
+def document_segments(seq_idx: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal ids in a row of seq_idx."""
+    starts = [0] + (torch.nonzero(seq_idx[1:] != seq_idx[:-1]).flatten() + 1).tolist()
+    return list(zip(starts, starts[1:] + [seq_idx.numel()]))
 
 
 def gated_rms_norm(y, z, weight, *, eps, group_size, norm_before_gate,

@@ -23,10 +23,15 @@ def causal_conv1d_torch(
     return out
 
 
-def causal_conv1d_cuda(x, weight, bias, activation="silu"):
-    """The causal-conv1d package's CUDA kernel (forward and backward)."""
+def causal_conv1d_cuda(x, weight, bias, activation="silu", seq_idx=None):
+    """The causal-conv1d package's CUDA kernel (forward and backward); seq_idx [b, l] restarts the
+    convolution at each packed document (the kernel takes it in its channels-last layout only)."""
     from causal_conv1d import causal_conv1d_fn
 
+    if seq_idx is not None:
+        if x.stride(1) != 1 or x.stride(0) % 8 or x.stride(2) % 8:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        return causal_conv1d_fn(x, weight.squeeze(1), bias, seq_idx=seq_idx.int(), activation=activation)
     if x.stride(1) == 1 and (x.stride(0) % 8 or x.stride(2) % 8):
         x = x.contiguous()  # its channels-last path needs 8-aligned batch and time strides
     return causal_conv1d_fn(x, weight.squeeze(1), bias, activation=activation)

@@ -40,6 +40,7 @@ from falcon_h1.inference.cache import attend_to_cache, conv_step, ssm_step, stor
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
 from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
 from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
+from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
 from falcon_h1.model.utils import param_device
 
@@ -197,6 +198,9 @@ class HybridMixer(MegatronModule):
         cache = inference_context  # generation: a falcon_h1.inference.cache.HybridCache
         if cache is not None and (self.cp is not None or self.config.sequence_parallel):
             raise NotImplementedError("generation runs without context or sequence parallelism")
+        packed = packed_seq_params if isinstance(packed_seq_params, PackedDocuments) else None
+        if packed is not None and self.cp is not None:
+            raise NotImplementedError("packed documents run without context parallelism")
         core = self.core
         proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
         proj = proj * self.in_proj_scale.to(proj.dtype)
@@ -209,13 +213,18 @@ class HybridMixer(MegatronModule):
         attn_proj, ssm_proj = proj[..., :core.attention_rows], proj[..., core.attention_rows:]
         streams = []
         if core.attention_heads:
-            if cache is None:
-                attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
-            else:
+            if cache is not None:
                 attn = self._attention_with_cache(attn_proj, rotary_pos_emb, cache)
+            elif packed is not None:
+                attn = self._attention_packed(attn_proj, rotary_pos_emb, packed)
+            else:
+                attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
             streams.append(attn * self.config.attention_out_multiplier)
         if core.mamba_heads:
-            ssm = self._ssm(ssm_proj) if cache is None else self._ssm_with_cache(ssm_proj, cache)
+            if cache is not None:
+                ssm = self._ssm_with_cache(ssm_proj, cache)
+            else:
+                ssm = self._ssm(ssm_proj, seq_idx=None if packed is None else packed.seq_idx)
             streams.append(ssm * self.config.ssm_out_multiplier)
         mixed = torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
         if self.cp is not None:
@@ -275,6 +284,20 @@ class HybridMixer(MegatronModule):
         k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
         return self._attention_output(self._core_attention(q, k, v, attention_mask, packed_seq_params))
 
+    def _attention_packed(self, proj, rotary_table, packed):
+        """Packed documents: RoPE from each token's position in its document, attention within
+        the document (a block-diagonal causal mask)."""
+        q, k, v = self._split_qkv(proj)
+        s, b = q.shape[:2]
+        freqs = rotary_table[packed.position_ids.T].squeeze(2)  # [s, b, 1, d]
+        q = apply_rotary_pos_emb(q, freqs, config=self.config)
+        k = apply_rotary_pos_emb(k, freqs, config=self.config)
+        out = F.scaled_dot_product_attention(
+            *(t.permute(1, 2, 0, 3) for t in (q, k, v)), attn_mask=packed.attention_mask(),
+            dropout_p=self.config.attention_dropout if self.training else 0.0, scale=self.core.head_dim ** -0.5,
+            enable_gqa=k.shape[2] != q.shape[2])
+        return self._attention_output(out.permute(2, 0, 1, 3).reshape(s, b, -1))
+
     def _attention_with_cache(self, proj, rotary_table, cache):
         """Generation: RoPE at each row's own positions, keys/values appended to the cache; a prompt
         (prefill) attends causally to itself, a new token to its row's cached keys."""
@@ -291,7 +314,7 @@ class HybridMixer(MegatronModule):
             out = attend_to_cache(cache, layer, q, scale=self.core.head_dim ** -0.5).reshape(s, b, -1)
         return self._attention_output(out)
 
-    def _ssm(self, proj):
+    def _ssm(self, proj, seq_idx=None):
         layout, config = self.core, self.config
         s, b = proj.shape[:2]
         heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
@@ -299,14 +322,14 @@ class HybridMixer(MegatronModule):
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
         conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
 
-        xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias,
+        xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias, seq_idx=seq_idx,
                             backend=config.kernel_backend)  # [b, channels, s]
         x, B, C = xBC.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
         y = ssd_scan(
             x.reshape(b, s, heads, p), dt.transpose(0, 1), -torch.exp(A_log.float()),
             B.reshape(b, s, groups, n), C.reshape(b, s, groups, n),
             chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
-            dt_limit=config.mamba_time_step_limit, backend=config.kernel_backend,
+            dt_limit=config.mamba_time_step_limit, seq_idx=seq_idx, backend=config.kernel_backend,
         ).reshape(b, s, d)
         return self._ssm_output(y, z)
 
