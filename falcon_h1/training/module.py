@@ -19,12 +19,19 @@ from megatron.core.utils import unwrap_model
 
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.model import FalconH1Model
+from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.training.grad_norm import count_replicated_rows_once
-from falcon_h1.training.optim import LRSchedule, build_optimizer, build_scheduler, falcon_h1_optimizer_config
+from falcon_h1.training.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    falcon_h1_optimizer_config,
+)
 
 # Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
 FIRST_STAGE_KEYS = ("tokens", "position_ids")
 LAST_STAGE_KEYS = ("labels", "loss_mask")
+PACKED_KEYS = ("seq_idx", "position_ids")  # packed documents (SFT): every stage's mixers need them
 
 
 class MegatronOptimizerAdapter:
@@ -211,6 +218,10 @@ class FalconH1Module(pl.LightningModule):
             keys.update(LAST_STAGE_KEYS)
         if self.config.virtual_pipeline_model_parallel_size:
             keys.update(FIRST_STAGE_KEYS + LAST_STAGE_KEYS)  # chunks of both ends may live here
+        if "seq_idx" in batch:
+            if parallel_state.get_context_parallel_world_size() > 1:
+                raise ValueError("packed documents (SFT data) train without context parallelism; set CP=1")
+            keys.update(PACKED_KEYS)
         device = self._data_device()
         cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
         out = {}
@@ -246,7 +257,9 @@ class FalconH1Module(pl.LightningModule):
     @staticmethod
     def _forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch.get("tokens"), batch.get("position_ids"), labels=batch.get("labels"))
+        packed = PackedDocuments(batch["seq_idx"], batch["position_ids"]) if "seq_idx" in batch else None
+        output = model(batch.get("tokens"), batch.get("position_ids"), labels=batch.get("labels"),
+                       packed_seq_params=packed)
         return output, partial(_masked_token_loss, batch.get("loss_mask"))
 
     def _sum_losses(self, losses) -> torch.Tensor:
