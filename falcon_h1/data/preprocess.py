@@ -49,20 +49,25 @@ def input_files(inputs: list[str], glob: str = "*") -> list[Path]:
     return files
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of each non-empty line; a bad line fails naming file:line."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
+
+
 def iter_documents(files: list[Path], json_key: str = "text") -> Iterator[str]:
     for path in files:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for line_number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
-                    if json_key not in record:
-                        raise ValueError(f"{path}:{line_number}: no {json_key!r} field (set --json-key)")
-                    yield record[json_key]
+            for line_number, record in iter_jsonl(path):
+                if json_key not in record:
+                    raise ValueError(f"{path}:{line_number}: no {json_key!r} field (set --json-key)")
+                yield record[json_key]
         else:
             yield path.read_text(encoding="utf-8", errors="replace")
 

@@ -9,13 +9,13 @@ prompts and other turns are context only. Documents are packed end to end into r
 it (see falcon_h1.model.packing), so no document sees another.
 """
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from falcon_h1.data.preprocess import iter_jsonl
 from falcon_h1.data.pretraining import _SizedDataModule
 
 
@@ -24,17 +24,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist (one JSON example per line)")
     examples = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not (isinstance(example, dict) and ({"prompt", "response"} <= set(example) or "messages" in example)):
-                raise ValueError(f"{path}:{number}: an example needs 'prompt' and 'response', or 'messages'")
-            examples.append(example)
+    for number, example in iter_jsonl(path):
+        if not (isinstance(example, dict) and ({"prompt", "response"} <= set(example) or "messages" in example)):
+            raise ValueError(f"{path}:{number}: an example needs 'prompt' and 'response', or 'messages'")
+        examples.append(example)
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples

@@ -314,12 +314,16 @@ class HybridMixer(MegatronModule):
             out = attend_to_cache(cache, layer, q, scale=self.core.head_dim ** -0.5).reshape(s, b, -1)
         return self._attention_output(out)
 
+    def _ssm_dims(self):
+        """(heads, head_dim, state_dim, groups, d_ssm) of the Mamba heads this rank computes."""
+        layout = self.core
+        return layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups, layout.d_ssm
+
     def _ssm(self, proj, seq_idx=None):
-        layout, config = self.core, self.config
+        config = self.config
         s, b = proj.shape[:2]
-        heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
-        d = layout.d_ssm
-        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
+        heads, p, n, groups, d = self._ssm_dims()
+        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)  # [s, b, .]
         conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
 
         xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias, seq_idx=seq_idx,
@@ -336,11 +340,10 @@ class HybridMixer(MegatronModule):
     def _ssm_with_cache(self, proj, cache):
         """Generation: a prompt (prefill) runs the chunked scan and leaves its final conv and SSM
         states in the cache; a new token takes one recurrent step from them."""
-        layout, config = self.core, self.config
+        config = self.config
         s, b = proj.shape[:2]
-        heads, p, n, groups = layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups
-        d = layout.d_ssm
-        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)
+        heads, p, n, groups, d = self._ssm_dims()
+        z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)  # [s, b, .]
         conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
         A = -torch.exp(A_log.float())
         layer = cache.layer(self.layer_number)
