@@ -5,6 +5,7 @@
     import_ckpt(source, output)              Hugging Face Falcon-H1 directory -> checkpoint
     export_ckpt(checkpoint, output)          checkpoint -> Hugging Face directory
     generate_text(checkpoint, prompts)       continue text prompts with a checkpoint
+    evaluate(checkpoint, data)               validation loss / perplexity of a checkpoint
 
 Each takes built objects (a FalconH1Module, a data module, a Trainer, an AutoResume), so the same
 call works from a fiddle recipe (`run.Partial(pretrain, model=..., ...)`), the command line
@@ -81,3 +82,17 @@ def generate_text(checkpoint: str, prompts: list[str], max_new_tokens: int = 64,
     for prompt, completion in zip(prompts, completions):
         print(f"--- prompt: {prompt!r}\n{prompt}{completion}")
     return completions
+
+
+@run.cli.entrypoint(name="evaluate", namespace="falcon", enable_executor=False,
+                    help="Validation loss and perplexity of a checkpoint: checkpoint=DIR data=FILE.jsonl|PREFIX")
+def evaluate(checkpoint: str, data: str, seq_length: int = 2048, batch_size: int = 4,
+             max_rows: int | None = None) -> dict:
+    """Mean loss per token and perplexity of the checkpoint's model on `data` (SFT or text jsonl,
+    or a Megatron indexed dataset prefix), documents packed into rows of `seq_length`."""
+    from falcon_h1.inference.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, data, seq_length, batch_size, max_rows)
+    print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+          f"{result['tokens']} tokens in {result['rows']} rows")
+    return result

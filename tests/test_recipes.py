@@ -184,7 +184,7 @@ def test_nemo_falcon_namespace(tmp_path):
     nemo = os.path.join(os.path.dirname(sys.executable), "nemo")
     done = subprocess.run([nemo, "falcon", "--help"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    for command in ("pretrain", "finetune", "import", "export", "generate"):
+    for command in ("pretrain", "finetune", "import", "export", "generate", "evaluate"):
         assert command in done.stdout
 
 

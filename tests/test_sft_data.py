@@ -129,3 +129,35 @@ def test_sft_training_on_packed_rows_learns(single_rank, tokenizer_dir, tmp_path
         validation = [float(line.split(",")[-1]) for line in f if ",val," in line]
     assert result.global_step == 30
     assert validation[-1] < 0.5 * validation[0], validation
+
+
+def test_evaluate_checkpoint_matches_transformers(tokenizer_dir, tmp_path):
+    """The evaluate command on an imported checkpoint: the masked mean token loss transformers'
+    model gives document by document (float32, 1e-5 relative)."""
+    from falcon_h1.convert.hf_import import import_hf_checkpoint
+    from falcon_h1.data.preprocess import load_tokenizer
+    from falcon_h1.inference.evaluate import evaluate_checkpoint
+    from falcon_h1.parity import make_hf_model
+
+    hf = make_hf_model(seed=41, vocab_size=4096, mamba_chunk_size=8)
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, tmp_path / "hf" / name)
+    checkpoint = import_hf_checkpoint(tmp_path / "hf", tmp_path / "ckpt", progress=False)
+    examples = [{"prompt": f"x = {i}\n", "response": f"print(x * {i})"} for i in range(7)]
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+
+    result = evaluate_checkpoint(str(checkpoint), str(path), seq_length=40, batch_size=2)
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            ids, mask = tokenize_example(example, tokenizer)
+            logits = hf(input_ids=torch.tensor([ids[:-1]])).logits[0]
+            losses = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="none")
+            total += float((losses * torch.tensor(mask[1:], dtype=torch.float32)).sum())
+            count += sum(mask[1:])
+    assert result["tokens"] == count
+    assert abs(result["loss"] - total / count) <= 1e-5 * abs(total / count), (result, total / count)
