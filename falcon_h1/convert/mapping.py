@@ -104,18 +104,6 @@ def hf_to_canonical(hf: dict[str, torch.Tensor], config: FalconH1Config) -> dict
     return out
 
 
-def canonical_to_hf(canonical: dict[str, torch.Tensor], config: FalconH1Config) -> dict[str, torch.Tensor]:
-    """The inverse of hf_to_canonical (canonical vocabulary rows beyond config.vocab_size, i.e.
-    TP padding, are dropped)."""
-    out = {}
-    for link in links(config):
-        out.update(zip(link.hf, link.to_hf([canonical[name] for name in link.canonical])))
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        if name in out:
-            out[name] = out[name][: config.vocab_size]
-    return out
-
-
 def _rows(canonical, key, segments):
     return torch.cat([canonical[f"{key}.{s.name}"][s.offset: s.offset + s.rows] for s in segments])
 

@@ -124,20 +124,9 @@ class HFWeights:
             missing = sorted(set(weight_map) - set(self.entries))
             if missing:
                 raise HFCheckpointError(f"{INDEX_NAME} lists tensors its shards do not hold: {missing[:5]}")
-        self._cached: tuple[str, torch.Tensor] | None = None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        # One tensor is cached: the converter takes several slices of a fused tensor in a row.
-        if self._cached is None or self._cached[0] != name:
-            self._cached = (name, read_tensor(self.entries[name]))
-        return self._cached[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries.values())
+        return read_tensor(self.entries[name])
 
 
 def parse_size(size: int | str) -> int:

@@ -50,7 +50,7 @@ def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[int
 
     def render(turns, generation_prompt):
         out = tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
     ids, mask = [], []
     for i, message in enumerate(messages):
@@ -116,14 +116,17 @@ class _Rows(Dataset):
 
     def __init__(self, rows: list[dict], num_samples: int, seed: int):
         self.rows, self.num_samples, self.seed = rows, num_samples, seed
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> order, drawn once
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict:
         epoch, offset = divmod(index, len(self.rows))
-        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self.rows[int(order[offset])]
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders[epoch] = torch.randperm(len(self.rows), generator=generator)
+        return self.rows[int(self._orders[epoch][offset])]
 
 
 class SFTDataModule(_SizedDataModule):

@@ -320,32 +320,37 @@ class HybridMixer(MegatronModule):
         return layout.mamba_heads, layout.mamba_head_dim, layout.state_dim, layout.ssm_groups, layout.d_ssm
 
     def _ssm(self, proj, seq_idx=None):
-        config = self.config
         s, b = proj.shape[:2]
         heads, p, n, groups, d = self._ssm_dims()
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)  # [s, b, .]
-        conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
+        params = self._core_mamba_params()
+        y = self._conv_and_scan(xBC.permute(1, 2, 0), dt, params, seq_idx=seq_idx)
+        return self._ssm_output(y.reshape(b, s, d), z, params[-1])
 
-        xBC = causal_conv1d(xBC.permute(1, 2, 0), conv_weight, conv_bias, seq_idx=seq_idx,
-                            backend=config.kernel_backend)  # [b, channels, s]
-        x, B, C = xBC.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
-        y = ssd_scan(
+    def _conv_and_scan(self, xBC, dt, params, seq_idx=None, return_final_state=False):
+        """Causal conv + SiLU, then the chunked SSD scan: xBC [b, channels, s], raw dt [s, b, heads]
+        -> y [b, s, heads, head_dim] (and the state after the last token if asked)."""
+        config = self.config
+        heads, p, n, groups, d = self._ssm_dims()
+        conv_weight, conv_bias, A_log, D, dt_bias, _ = params
+        b, _, s = xBC.shape
+        conv = causal_conv1d(xBC, conv_weight, conv_bias, seq_idx=seq_idx, backend=config.kernel_backend)
+        x, B, C = conv.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
+        return ssd_scan(
             x.reshape(b, s, heads, p), dt.transpose(0, 1), -torch.exp(A_log.float()),
             B.reshape(b, s, groups, n), C.reshape(b, s, groups, n),
-            chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
-            dt_limit=config.mamba_time_step_limit, seq_idx=seq_idx, backend=config.kernel_backend,
-        ).reshape(b, s, d)
-        return self._ssm_output(y, z)
+            chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias, dt_limit=config.mamba_time_step_limit,
+            seq_idx=seq_idx, return_final_state=return_final_state, backend=config.kernel_backend,
+        )
 
     def _ssm_with_cache(self, proj, cache):
         """Generation: a prompt (prefill) runs the chunked scan and leaves its final conv and SSM
         states in the cache; a new token takes one recurrent step from them."""
-        config = self.config
         s, b = proj.shape[:2]
         heads, p, n, groups, d = self._ssm_dims()
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)  # [s, b, .]
-        conv_weight, conv_bias, A_log, D, dt_bias, _ = self._core_mamba_params()
-        A = -torch.exp(A_log.float())
+        params = self._core_mamba_params()
+        conv_weight, conv_bias, A_log, D, dt_bias, norm_weight = params
         layer = cache.layer(self.layer_number)
         if cache.prefilling:
             inputs = xBC.permute(1, 2, 0)  # [b, channels, s]
@@ -354,25 +359,19 @@ class HybridMixer(MegatronModule):
                 layer.conv_state = inputs.new_zeros(cache.batch_size, inputs.shape[1], width - 1)
                 layer.ssm_state = inputs.new_zeros(cache.batch_size, heads, p, n, dtype=torch.float32)
             layer.conv_state[cache.rows] = F.pad(inputs, (width - 1, 0))[..., -(width - 1):]
-            conv = causal_conv1d(inputs, conv_weight, conv_bias, backend=config.kernel_backend)
-            x, B, C = conv.transpose(1, 2).split([d, groups * n, groups * n], dim=-1)
-            y, state = ssd_scan(
-                x.reshape(b, s, heads, p), dt.transpose(0, 1), A, B.reshape(b, s, groups, n),
-                C.reshape(b, s, groups, n), chunk_size=config.mamba_chunk_size, D=D, dt_bias=dt_bias,
-                dt_limit=config.mamba_time_step_limit, return_final_state=True, backend=config.kernel_backend)
+            y, state = self._conv_and_scan(inputs, dt, params, return_final_state=True)
             layer.ssm_state[cache.rows] = state.float()
         else:
             conv = conv_step(layer, xBC[0], conv_weight, conv_bias)  # one token: [b, channels]
             x, B, C = conv.split([d, groups * n, groups * n], dim=-1)
-            y = ssm_step(layer, x.reshape(b, heads, p), dt[0], A, B.reshape(b, groups, n), C.reshape(b, groups, n),
-                         D, dt_bias, config.mamba_time_step_limit)
-        return self._ssm_output(y.reshape(b, s, d), z)
+            y = ssm_step(layer, x.reshape(b, heads, p), dt[0], -torch.exp(A_log.float()), B.reshape(b, groups, n),
+                         C.reshape(b, groups, n), D, dt_bias, self.config.mamba_time_step_limit)
+        return self._ssm_output(y.reshape(b, s, d), z, norm_weight)
 
-    def _ssm_output(self, y, z):
+    def _ssm_output(self, y, z, norm_weight):
         """The gate (with the grouped RMSNorm when the model has it): y [b, s, d], z [s, b, d] ->
         [s, b, d]."""
         layout, config = self.core, self.config
-        norm_weight = self._core_mamba_params()[-1]
         z = z.transpose(0, 1)
         if norm_weight is None:
             y = y * F.silu(z)

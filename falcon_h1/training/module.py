@@ -21,12 +21,7 @@ from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.training.grad_norm import count_replicated_rows_once
-from falcon_h1.training.optim import (
-    LRSchedule,
-    build_optimizer,
-    build_scheduler,
-    falcon_h1_optimizer_config,
-)
+from falcon_h1.training.optim import LRSchedule, build_optimizer, build_scheduler, falcon_h1_optimizer_config
 
 # Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
 FIRST_STAGE_KEYS = ("tokens", "position_ids")
@@ -218,12 +213,12 @@ class FalconH1Module(pl.LightningModule):
             keys.update(LAST_STAGE_KEYS)
         if self.config.virtual_pipeline_model_parallel_size:
             keys.update(FIRST_STAGE_KEYS + LAST_STAGE_KEYS)  # chunks of both ends may live here
+        cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
         if "seq_idx" in batch:
-            if parallel_state.get_context_parallel_world_size() > 1:
+            if cp > 1:
                 raise ValueError("packed documents (SFT data) train without context parallelism; set CP=1")
             keys.update(PACKED_KEYS)
         device = self._data_device()
-        cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
         out = {}
         for key in keys:
             tensor = batch[key]
