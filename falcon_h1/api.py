@@ -3,7 +3,8 @@
     pretrain(model, data, trainer, resume)   train from scratch or continue a run
     finetune(model, data, trainer, resume)   train starting from a checkpoint's weights
     import_ckpt(source, output)              Hugging Face Falcon-H1 directory -> checkpoint
-    export_ckpt(checkpoint, output)          checkpoint -> Hugging Face directory
+    export_ckpt(checkpoint, output)          checkpoint -> Hugging Face directory (LoRA adapters merged)
+    merge_lora(checkpoint, output)           LoRA adapter checkpoint -> full checkpoint
     generate_text(checkpoint, prompts)       continue text prompts with a checkpoint
     evaluate(checkpoint, data)               validation loss / perplexity of a checkpoint
 
@@ -39,10 +40,17 @@ def finetune(model: pl.LightningModule, data: pl.LightningDataModule, trainer: p
              resume: AutoResume) -> TrainingResult:
     """Train `model` starting from the weights of `resume.restore_weights_from` (a checkpoint of
     ours or one made by `import_ckpt`); a fine-tuning run that was interrupted continues from its
-    own latest checkpoint instead."""
+    own latest checkpoint instead. With `model.peft` (LoRA) only adapters train and checkpoints
+    hold only them; SFT data without a tokenizer_dir takes the checkpoint's tokenizer."""
     if resume is None or not (resume.restore_weights_from or resume.resume_from_path):
         raise ValueError("finetune needs the checkpoint to start from: resume=AutoResume(restore_weights_from=PATH) "
                          "(on the command line: resume.restore_weights_from=PATH)")
+    if hasattr(data, "tokenizer_dir") and data.tokenizer_dir is None and resume.restore_weights_from:
+        # SFT data is tokenized with the tokenizer of the model being fine-tuned.
+        tokenizer = Path(resume.restore_weights_from) / "context" / "tokenizer"
+        if not tokenizer.is_dir():
+            raise ValueError(f"{resume.restore_weights_from} carries no tokenizer ({tokenizer}); set data.tokenizer_dir")
+        data.tokenizer_dir = str(tokenizer)
     return _train(model, data, trainer, resume)
 
 
@@ -68,6 +76,17 @@ def export_ckpt(checkpoint: str, output: str, overwrite: bool = False, dtype: st
 
     return export_hf_checkpoint(checkpoint, output, dtype=getattr(torch, dtype) if dtype else None,
                                 max_shard_size=max_shard_size, overwrite=overwrite)
+
+
+@run.cli.entrypoint(name="merge-lora", namespace="falcon", enable_executor=False,
+                    help="LoRA adapter checkpoint + its base -> full checkpoint: checkpoint=DIR output=DIR")
+def merge_lora(checkpoint: str, output: str, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Fold a LoRA run's adapters into the base checkpoint they were trained on (docs/fine_tuning.md)."""
+    import torch
+
+    from falcon_h1.convert.merge_lora import merge_lora_checkpoint
+
+    return merge_lora_checkpoint(checkpoint, output, overwrite=overwrite, dtype=getattr(torch, dtype) if dtype else None)
 
 
 @run.cli.entrypoint(name="generate", namespace="falcon", enable_executor=False,

@@ -16,7 +16,9 @@ from megatron.core.optimizer import OptimizerConfig
 from falcon_h1.api import finetune, pretrain
 from falcon_h1.data.default_corpus import default_corpus_data
 from falcon_h1.data.pretraining import MockDataModule, PreTrainingDataModule
+from falcon_h1.data.sft import SFTDataModule
 from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.lora import LoRA
 from falcon_h1.model.presets import PRESETS, preset_fields
 from falcon_h1.training.checkpoint import AutoResume
 from falcon_h1.training.module import FalconH1Module
@@ -49,6 +51,9 @@ class Size:
 # LR 128e-6 at ~1M-token batches with WSD decay to LR/8; LR scales with sqrt(batch / 1M tokens).
 FINETUNE_LR = 128e-6
 FINETUNE_WARMUP_STEPS = 50
+# LoRA trains few parameters, with B starting at zero: it takes a larger LR than full fine-tuning
+# (published LoRA recipes use 1e-4 to 5e-4).
+LORA_LR = 3e-4
 
 
 def model_config(preset: str, **overrides) -> run.Config[FalconH1Config]:
@@ -122,12 +127,33 @@ def pretrain_recipe(model: run.Config[pl.LightningModule], trainer: run.Config[p
                        resume=run.Config(AutoResume, resume_if_exists=True))
 
 
-def finetune_recipe(size: Size, checkpoint: str | None, trainer: run.Config[pl.Trainer],
-                    data: run.Config[pl.LightningDataModule]) -> run.Partial:
-    """run.Partial(finetune, ...): all weights trained from `checkpoint` (ours, or one made by
-    `import` from a Hugging Face release) with Falcon-H1's post-training optimizer settings."""
+def sft_data(size: Size, train_path: str | None, tokenizer_dir: str | None = None,
+             validation_path: str | None = None) -> run.Config[pl.LightningDataModule]:
+    """Packed SFT rows from jsonl (prompt/response or chat messages); tokenizer_dir None: the
+    tokenizer stored with the checkpoint being fine-tuned."""
+    return run.Config(SFTDataModule, train_path=train_path, tokenizer_dir=tokenizer_dir,
+                      validation_path=validation_path, seq_length=size.seq_length,
+                      micro_batch_size=size.micro_batch_size, global_batch_size=size.global_batch_size)
+
+
+def peft(scheme: str | None) -> run.Config[LoRA] | None:
+    """The PEFT scheme by name: "lora", or None / "none" for full fine-tuning."""
+    if scheme is None or scheme.lower() == "none":
+        return None
+    if scheme.lower() == "lora":
+        return run.Config(LoRA)
+    raise ValueError(f"peft_scheme={scheme!r}: use 'lora' or 'none' (all weights)")
+
+
+def finetune_recipe(size: Size, checkpoint: str | None, data: str | None, trainer: run.Config[pl.Trainer],
+                    peft_scheme: str | None = "lora") -> run.Partial:
+    """run.Partial(finetune, ...) from `checkpoint` (ours, or one made by `import` from a Hugging
+    Face release) on SFT jsonl `data`, with Falcon-H1's post-training optimizer settings: LoRA
+    adapters on every layer's four GEMMs, or all weights with peft_scheme="none"."""
+    lora = peft(peft_scheme)
+    lr = FINETUNE_LR if lora is None else LORA_LR
+    model = lightning_module(model_config(size.preset), lr, FINETUNE_WARMUP_STEPS, weight_decay=0.0)
+    model.peft = lora
     return run.Partial(
-        finetune,
-        model=lightning_module(model_config(size.preset), FINETUNE_LR, FINETUNE_WARMUP_STEPS, weight_decay=0.0),
-        data=data, trainer=trainer,
+        finetune, model=model, data=sft_data(size, data), trainer=trainer,
         resume=run.Config(AutoResume, resume_if_exists=True, restore_weights_from=checkpoint))

@@ -38,9 +38,10 @@ def pretrain_recipe(dir: str | None = None, name: str = NAME, num_nodes: int = S
 
 
 @run.cli.factory(target=finetune, name=NAME)
-def finetune_recipe(checkpoint: str | None = None, dir: str | None = None, name: str = NAME,
+def finetune_recipe(checkpoint: str | None = None, data: str | None = None, dir: str | None = None, name: str = NAME,
                     num_nodes: int = SIZE.num_nodes, num_gpus_per_node: int = SIZE.num_gpus_per_node,
-                    max_steps: int = 1000) -> run.Partial:
-    """Full fine-tuning from `checkpoint` (e.g. `falcon-h1 import` of the HF release)."""
-    return common.finetune_recipe(SIZE, checkpoint, trainer(dir or f"runs/{name}_finetune", max_steps, num_nodes,
-                                                            num_gpus_per_node), common.mock_data(SIZE))
+                    max_steps: int = 1000, peft_scheme: str | None = "lora") -> run.Partial:
+    """Fine-tuning from `checkpoint` (ours, or `falcon-h1 import` of the HF release) on the SFT
+    jsonl `data`: LoRA adapters (peft_scheme="lora") or all weights (peft_scheme="none")."""
+    return common.finetune_recipe(SIZE, checkpoint, data, trainer(dir or f"runs/{name}_finetune", max_steps, num_nodes,
+                                                                  num_gpus_per_node), peft_scheme)

@@ -139,7 +139,13 @@ def main(argv=None) -> int:
         tasks = sweep_tasks(args.dir, args.devices, args.max_steps, args.seq_length, args.global_batch_size,
                             args.micro_batch_size, args.lr, args.num_layers, args.hidden_size, ratios,
                             corpus=not args.mock_data)
-        run_sweep(tasks, run.LocalExecutor(ntasks_per_node=args.devices, launcher="torchrun"))
+        # A sweep that was interrupted goes on where it stopped: finished ratios are not trained again.
+        finished = [name for name in tasks if (Path(args.dir) / name / "result.json").exists()]
+        for name in finished:
+            print(f"{name}: finished before (result.json present), not run again")
+            del tasks[name]
+        if tasks:
+            run_sweep(tasks, run.LocalExecutor(ntasks_per_node=args.devices, launcher="torchrun"))
     summary = summarize(args.dir, ratios)
     print((Path(args.dir) / "ratio_sweep.md").read_text())
     print(f"plot: {summary['plot']}")

@@ -69,9 +69,13 @@ def test_recipe_builds_at_its_declared_size(name):
     assert lightning_module.chunks is None  # no weights until configure_model on the training job
     if recipe.data.__fn_or_cls__.__name__ == "MockDataModule":
         assert recipe.data.vocab_size == config.vocab_size
-    finetune = module.finetune_recipe(checkpoint="ckpts/x")
-    assert finetune.resume.restore_weights_from == "ckpts/x"
-    assert finetune.model.optimizer.weight_decay == 0.0 and finetune.model.lr_schedule.decay_style == "WSD"
+    lora = module.finetune_recipe(checkpoint="ckpts/x", data="sft.jsonl")
+    assert lora.resume.restore_weights_from == "ckpts/x" and lora.data.train_path == "sft.jsonl"
+    assert lora.data.tokenizer_dir is None  # the checkpoint's, filled in by finetune
+    assert lora.model.optimizer.weight_decay == 0.0 and lora.model.lr_schedule.decay_style == "WSD"
+    assert fdl.build(lora.model.peft).target_modules == ["in_proj", "out_proj", "linear_fc1", "linear_fc2"]
+    full = module.finetune_recipe(checkpoint="ckpts/x", peft_scheme="none")
+    assert full.model.peft is None and full.model.optimizer.lr < lora.model.optimizer.lr
 
 
 @pytest.mark.parametrize("name", sorted(recipes.SIZES))
@@ -184,7 +188,7 @@ def test_nemo_falcon_namespace(tmp_path):
     nemo = os.path.join(os.path.dirname(sys.executable), "nemo")
     done = subprocess.run([nemo, "falcon", "--help"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    for command in ("pretrain", "finetune", "import", "export", "generate", "evaluate"):
+    for command in ("pretrain", "finetune", "import", "export", "merge-lora", "generate", "evaluate"):
         assert command in done.stdout
 
 

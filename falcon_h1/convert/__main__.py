@@ -2,6 +2,7 @@
 
     python -m falcon_h1.convert import HF_DIR CHECKPOINT_DIR
     python -m falcon_h1.convert export CHECKPOINT_DIR HF_DIR
+    python -m falcon_h1.convert merge-lora ADAPTER_CHECKPOINT_DIR CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert Falcon-H1 weights between Hugging Face format and falcon_h1 checkpoints. "
                     "Both directions stream one tensor at a time and write the output under a temporary "
                     "name, renamed only when complete.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export,merge-lora}")
 
     imp = commands.add_parser(
         "import", help="Hugging Face directory -> falcon_h1 checkpoint",
@@ -42,7 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=DTYPES, help="dtype of the exported tensors (default: as stored)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
 
-    for sub in (imp, exp):
+    merge = commands.add_parser(
+        "merge-lora", help="LoRA adapter checkpoint -> full checkpoint",
+        description="Fold the LoRA adapters of a LoRA run's checkpoint into the base checkpoint they were "
+                    "trained on (named in its context/run.json) and write a full weights-only checkpoint. "
+                    "`export` does this by itself when given adapters; merge to keep the merged model.")
+    merge.add_argument("checkpoint", help="an adapter checkpoint of a LoRA run, e.g. RUN/checkpoints/step=0000500")
+    merge.add_argument("output", help="the checkpoint directory to create")
+    merge.add_argument("--dtype", choices=DTYPES, help="dtype of the stored weights (default: the base's)")
+
+    for sub in (imp, exp, merge):
         sub.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
         sub.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
@@ -55,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from falcon_h1.convert.hf_export import export_hf_checkpoint
     from falcon_h1.convert.hf_import import import_hf_checkpoint
+    from falcon_h1.convert.merge_lora import merge_lora_checkpoint
     from falcon_h1.convert.safetensors_io import HFCheckpointError
     from falcon_h1.training.checkpoint_io import CheckpointError
 
@@ -65,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                                         progress=not args.quiet)
             print(f"checkpoint written to {path} (weights only; start a run from it with "
                   f"AutoResume(restore_weights_from={str(path)!r}))")
+        elif args.command == "merge-lora":
+            path = merge_lora_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite, dtype=dtype)
+            print(f"merged checkpoint written to {path}")
         else:
             path = export_hf_checkpoint(args.checkpoint, args.output, dtype=dtype, max_shard_size=args.max_shard_size,
                                         overwrite=args.overwrite, progress=not args.quiet)

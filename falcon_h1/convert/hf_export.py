@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,8 +33,17 @@ def export_hf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
     """Write the model of `checkpoint` as a Hugging Face directory at `output`.
 
     dtype: of the exported tensors (default: as stored, e.g. bfloat16 after bf16 training).
+    LoRA adapters (a LoRA run's checkpoint) are first merged into their base checkpoint.
     Returns the output directory."""
     path = checkpoint_io.check_loadable(checkpoint)
+    if checkpoint_io.lora_of(path) is not None:
+        from falcon_h1.convert.merge_lora import merge_lora_checkpoint
+
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.merged-", dir=output.parent) as scratch:
+            merged = merge_lora_checkpoint(path, Path(scratch) / "checkpoint")
+            return export_hf_checkpoint(merged, output, dtype, max_shard_size, overwrite, progress)
     hf_config, _ = checkpoint_io.read_context(path)
     try:
         config = config_from_hf(hf_config)

@@ -135,15 +135,16 @@ class SFTDataModule(_SizedDataModule):
     Args:
         train_path / validation_path: jsonl files (without validation_path, `validation_fraction`
             of the training examples, taken by a seeded shuffle, are held out).
-        tokenizer_dir: a Hugging Face tokenizer directory (a checkpoint's context/tokenizer).
+        tokenizer_dir: a Hugging Face tokenizer directory (a checkpoint's context/tokenizer; the
+            `finetune` entrypoint fills in its checkpoint's when None).
     """
 
-    def __init__(self, train_path: str, tokenizer_dir: str, validation_path: str | None = None,
+    def __init__(self, train_path: str | None, tokenizer_dir: str | None, validation_path: str | None = None,
                  seq_length: int = 2048, micro_batch_size: int = 1, global_batch_size: int = 8,
                  validation_fraction: float = 0.05, seed: int = 1234, num_workers: int = 0):
         super().__init__(seq_length, micro_batch_size, global_batch_size, num_workers)
         self.train_path, self.validation_path = train_path, validation_path
-        self.tokenizer_dir = str(tokenizer_dir)
+        self.tokenizer_dir = None if tokenizer_dir is None else str(tokenizer_dir)
         self.validation_fraction, self.seed = validation_fraction, seed
         self.tokenizer = None
 
@@ -152,6 +153,11 @@ class SFTDataModule(_SizedDataModule):
 
         if hasattr(self, "_train"):
             return
+        if not self.train_path:
+            raise ValueError("no SFT data: give the training jsonl (data.train_path=FILE, or data=FILE to a "
+                             "finetune recipe); each line {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]}")
+        if not self.tokenizer_dir:
+            raise ValueError("no tokenizer for the SFT data: set data.tokenizer_dir (e.g. CHECKPOINT/context/tokenizer)")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         train = [tokenize_example(e, self.tokenizer) for e in read_jsonl(self.train_path)]
         if self.validation_path:

@@ -17,6 +17,7 @@ def load_for_generation(checkpoint: str | Path, device: str | None = None):
     """(model, tokenizer) of a checkpoint, ready on `device` (default: cuda if present). Call inside
     falcon_h1.convert.dist_checkpoint.single_process_megatron()."""
     from falcon_h1.data.preprocess import load_tokenizer
+    from falcon_h1.model.lora import LoRA, apply_lora, merge_lora
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.training import checkpoint_io
 
@@ -28,7 +29,12 @@ def load_for_generation(checkpoint: str | Path, device: str | None = None):
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = checkpoint_io.checkpoint_model_config(path, use_cpu_initialization=True)
     model = FalconH1Model(config)
+    scheme = checkpoint_io.lora_of(path)
+    if scheme is not None:  # LoRA adapters: loaded with their base, then folded into it
+        apply_lora(model, LoRA.from_dict(scheme))
     checkpoint_io.load_model_weights([model], path)
+    if scheme is not None:
+        merge_lora(model)
     model = model.to(device)
     if device.startswith("cuda"):
         model = model.to(torch.bfloat16)

@@ -40,6 +40,7 @@ from falcon_h1.inference.cache import attend_to_cache, conv_step, ssm_step, stor
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
 from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
 from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
+from falcon_h1.model.lora import AdapterDict, add_adapter
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
 from falcon_h1.model.utils import param_device
@@ -158,6 +159,7 @@ class HybridMixer(MegatronModule):
             if bias is not None:
                 setattr(bias, "sequence_parallel", config.sequence_parallel)
 
+        self.adapters = AdapterDict()  # LoRA on in_proj / out_proj (lora.py)
         if tp_size > 1 and torch.distributed.is_initialized():
             sync_replicated_params(self, self.tp_group)
 
@@ -203,6 +205,7 @@ class HybridMixer(MegatronModule):
             raise NotImplementedError("packed documents run without context parallelism")
         core = self.core
         proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
+        proj = add_adapter(self, "in_proj", hidden_states, proj)
         proj = proj * self.in_proj_scale.to(proj.dtype)
         in_bias = self._in_proj_bias()
         if in_bias is not None:
@@ -230,6 +233,7 @@ class HybridMixer(MegatronModule):
         if self.cp is not None:
             mixed = heads_to_sequence(mixed, (core.attention_out_cols, core.d_ssm), self.cp_group)
         out, _ = self.out_proj(mixed)
+        out = add_adapter(self, "out_proj", mixed, out)
         return out, self._out_bias()
 
     def _in_proj_bias(self):
@@ -410,12 +414,19 @@ class HybridMixer(MegatronModule):
         dp_rank = get_pg_rank(metadata["dp_cp_group"])
         layout = self.layout
         sharded = {}
-        for name in ("in_proj", "out_proj"):
+        for name in ("in_proj", "out_proj", "adapters"):
             sharded.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
-        sharded[f"{prefix}in_proj.weight"] = _rows_factory(
-            f"{prefix}in_proj.weight", self.in_proj.weight, layout.in_proj, sharded_offsets, dp_rank)
-        sharded[f"{prefix}out_proj.weight"] = _out_proj_factory(
-            f"{prefix}out_proj.weight", self.out_proj.weight, layout, sharded_offsets, dp_rank)
+        # The in-projection's rows and the out-projection's columns, and the adapter matrices split
+        # like them, are stored as their canonical blocks.
+        split_like_weight = [("in_proj.weight", self.in_proj.weight), ("out_proj.weight", self.out_proj.weight)]
+        if "in_proj" in self.adapters:
+            split_like_weight.append(("adapters.in_proj.lora_b", self.adapters["in_proj"].lora_b))
+        if "out_proj" in self.adapters:
+            split_like_weight.append(("adapters.out_proj.lora_a", self.adapters["out_proj"].lora_a))
+        for name, tensor in split_like_weight:
+            key = f"{prefix}{name}"
+            sharded[key] = (_rows_factory(key, tensor, layout.in_proj, sharded_offsets, dp_rank) if "in_proj" in name
+                            else _out_proj_factory(key, tensor, layout, sharded_offsets, dp_rank))
         for name, segments in (("qkv_bias", layout.attention_segments), ("ssm_in_bias", layout.ssm_segments)):
             if getattr(self, name) is not None:
                 sharded[f"{prefix}{name}"] = _rows_factory(

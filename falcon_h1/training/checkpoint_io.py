@@ -146,13 +146,27 @@ def read_context(path: str | os.PathLike) -> tuple[dict, dict]:
     return config, run_info
 
 
-def model_sharded_state_dict(models) -> dict:
+# Which tensors of a model a state dict covers: everything, the base model without its LoRA
+# adapters (what a LoRA run starts from), or the adapters alone (what a LoRA run saves).
+ALL, BASE, ADAPTERS = "all", "base", "adapters"
+
+
+def _in_part(key: str, part: str) -> bool:
+    from falcon_h1.model.lora import is_adapter_key
+
+    return part == ALL or is_adapter_key(key) == (part == ADAPTERS)
+
+
+def model_sharded_state_dict(models, part: str = ALL) -> dict:
     """The sharded state dict of a rank's model chunks: {"model": ...}, or {"model0": ..., ...}
     with virtual pipeline stages. Tensors carry canonical global keys, so the nesting does not
-    tie a checkpoint to a layout."""
+    tie a checkpoint to a layout. `part`: ALL, BASE or ADAPTERS."""
+    def select(model):
+        return {k: v for k, v in model.sharded_state_dict().items() if _in_part(k, part)}
+
     if len(models) == 1:
-        return {"model": models[0].sharded_state_dict()}
-    return {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+        return {"model": select(models[0])}
+    return {f"model{i}": select(model) for i, model in enumerate(models)}
 
 
 def load_sharded(path: Path, template: dict) -> dict:
@@ -170,10 +184,19 @@ def load_sharded(path: Path, template: dict) -> dict:
             "incomplete, or was written for another model; use an earlier checkpoint") from error
 
 
-def apply_model_state(models, state: dict, strict: bool = True) -> None:
+def apply_model_state(models, state: dict, strict: bool = True, part: str = ALL) -> None:
+    """Load `state` (from load_sharded) into the chunks; for a part, every tensor of that part
+    must be there and nothing else."""
     names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
     for name, model in zip(names, models):
-        model.load_state_dict(state[name], strict=strict)
+        if part == ALL:
+            model.load_state_dict(state[name], strict=strict)
+            continue
+        result = model.load_state_dict(state[name], strict=False)
+        missing = [k for k in result.missing_keys if _in_part(k, part) and not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"the {part} tensors do not match the model: missing {missing[:5]}, "
+                                  f"unexpected {result.unexpected_keys[:5]}")
 
 
 def check_same_model(path: Path, hf_config: dict) -> None:
@@ -188,15 +211,49 @@ def check_same_model(path: Path, hf_config: dict) -> None:
                               "like the checkpoint or pick another checkpoint")
 
 
+def lora_of(path: str | os.PathLike) -> dict | None:
+    """The LoRA scheme of an adapter-only checkpoint (its run.json "peft"), None for a full one."""
+    return read_context(path)[1].get("peft")
+
+
+def base_checkpoint_of(path: str | os.PathLike) -> Path:
+    """The checkpoint an adapter-only checkpoint's adapters were trained on."""
+    _, run_info = read_context(path)
+    base = run_info.get("base_checkpoint")
+    if not base:
+        raise CheckpointError(f"{path} holds LoRA adapters but its context/run.json names no base_checkpoint")
+    try:
+        return check_loadable(base)
+    except CheckpointError as error:
+        raise CheckpointError(f"the base checkpoint of the LoRA adapters in {path} cannot be used: {error}. "
+                              "Put it back at that path (it is named in context/run.json)") from error
+
+
 def load_model_weights(models, path: str | os.PathLike, strict: bool = True) -> Path:
     """Load a checkpoint's weights into this rank's model chunks (FalconH1Model), at whatever
-    TP/PP layout they were built with. Every rank of the job calls it."""
+    TP/PP layout they were built with. Every rank of the job calls it.
+
+    With LoRA adapters on the chunks (model/lora.py): a full checkpoint initializes the base
+    weights (the adapters keep their initialization); an adapter-only checkpoint loads its base
+    checkpoint, then the adapters. An adapter-only checkpoint into chunks without adapters is an
+    error: apply its LoRA first (or merge it into a full checkpoint with `merge-lora`)."""
     from falcon_h1.model.config import config_to_hf
+    from falcon_h1.model.lora import has_adapters
 
     path = check_loadable(path)
     check_same_model(path, config_to_hf(models[0].config))
-    loaded = load_sharded(path, {"state_dict": model_sharded_state_dict(models)})
-    apply_model_state(models, loaded["state_dict"], strict)
+    with_adapters = has_adapters(models[0])
+    if lora_of(path) is not None:
+        if not with_adapters:
+            raise CheckpointError(
+                f"{path} holds LoRA adapters only; apply its LoRA to the model before loading "
+                "(falcon_h1.model.lora.apply_lora) or merge it into a full checkpoint (`falcon-h1 merge-lora`)")
+        load_model_weights(models, base_checkpoint_of(path), strict)
+        part = ADAPTERS
+    else:
+        part = BASE if with_adapters else ALL
+    loaded = load_sharded(path, {"state_dict": model_sharded_state_dict(models, part)})
+    apply_model_state(models, loaded["state_dict"], strict, part)
     return path
 
 
@@ -214,3 +271,25 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     mark_unfinished(path)
     shutil.rmtree(path, ignore_errors=True)
     mark_finished(path)
+
+
+def save_model(models, path: str | os.PathLike, hf_config: dict, run_info: dict, tokenizer_dir: str | None = None,
+               part: str = ALL) -> Path:
+    """Write the chunks' weights (or one part of them) as a weights-only checkpoint at `path`,
+    under the unfinished marker, outside a training run (merge, tests). Every rank calls it."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        begin_save(path)
+        write_context(path, hf_config, dict(run_info, weights_only=True), tokenizer_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save({"state_dict": model_sharded_state_dict(models, part)}, str(path / WEIGHTS_DIR))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank0:
+        mark_finished(path)
+    return path

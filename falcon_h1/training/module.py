@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
 from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.lora import LoRA, apply_lora
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.training.grad_norm import count_replicated_rows_once
@@ -75,12 +76,16 @@ class FalconH1Module(pl.LightningModule):
         optimizer: Megatron's OptimizerConfig (default: AdamW 0.9/0.95, clip 1.0, distributed).
         lr_schedule: warm-up and decay of the learning rate (default: WSD).
         tokenizer_dir: a Hugging Face tokenizer directory stored with every checkpoint.
+        peft: a LoRA scheme: the base weights are frozen, only the adapters train, and
+            checkpoints hold the adapters alone (with the path of the base checkpoint).
     """
 
     def __init__(self, config: FalconH1Config, optimizer: OptimizerConfig | None = None,
-                 lr_schedule: LRSchedule | None = None, tokenizer_dir: str | None = None):
+                 lr_schedule: LRSchedule | None = None, tokenizer_dir: str | None = None,
+                 peft: LoRA | None = None):
         super().__init__()
         self.config = config
+        self.peft = peft
         self.optimizer_config = optimizer or falcon_h1_optimizer_config()
         self.lr_schedule = lr_schedule or LRSchedule()
         self.tokenizer_dir = tokenizer_dir
@@ -104,6 +109,8 @@ class FalconH1Module(pl.LightningModule):
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage if vp_size > 1 else None,
             ))
+            if self.peft is not None:
+                apply_lora(chunks[-1], self.peft)
         self.chunks = torch.nn.ModuleList(chunks)
 
     def unwrapped_chunks(self) -> list[FalconH1Model]:

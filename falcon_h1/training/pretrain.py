@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from falcon_h1.training import checkpoint_io
 from falcon_h1.training.callbacks import LossPlot, ProgressPrinter, ThroughputMonitor
 from falcon_h1.training.checkpoint import AutoResume, MegatronCheckpoint
 from falcon_h1.training.precision import MegatronMixedPrecision
@@ -102,8 +103,15 @@ def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None)
     checkpointer = checkpoint_callback(trainer)
     checkpoint_dir = checkpointer.dirpath if checkpointer else None
     ckpt_path = resume.checkpoint_to_resume(checkpoint_dir)
-    if resume.restore_weights_from and ckpt_path is None:
+    if ckpt_path is None and resume.restore_weights_from:
         trainer.strategy.restore_weights_from = resume.restore_weights_from
+    elif ckpt_path is not None and getattr(model, "peft", None) is not None:
+        # A LoRA checkpoint holds the adapters alone; the base weights come from the checkpoint
+        # they were trained on.
+        trainer.strategy.restore_weights_from = str(checkpoint_io.base_checkpoint_of(ckpt_path))
+    if getattr(model, "peft", None) is not None and trainer.strategy.restore_weights_from is None:
+        raise ValueError("LoRA trains adapters on a base model: give the base checkpoint with "
+                         "resume=AutoResume(restore_weights_from=PATH) (resume.restore_weights_from=PATH)")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     plot = next((c for c in trainer.callbacks if isinstance(c, LossPlot)), None)
     throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)

@@ -239,8 +239,12 @@ class MegatronStrategy(DDPStrategy):
 
     # ---------------------------------------------------------------- checkpoints
 
+    def _model_part(self) -> str:
+        """What a checkpoint of this run holds: the adapters alone under LoRA, else all weights."""
+        return checkpoint_io.ADAPTERS if self.lightning_module.peft is not None else checkpoint_io.ALL
+
     def _model_sharded_state_dict(self) -> dict:
-        return checkpoint_io.model_sharded_state_dict(self.lightning_module.unwrapped_chunks())
+        return checkpoint_io.model_sharded_state_dict(self.lightning_module.unwrapped_chunks(), self._model_part())
 
     def lightning_module_state_dict(self) -> dict:
         return self._model_sharded_state_dict()
@@ -268,6 +272,9 @@ class MegatronStrategy(DDPStrategy):
                             data_parallel_size=parallel_state.get_data_parallel_world_size(),
                             weights_only="optimizer_states" not in checkpoint,
                             saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            if module.peft is not None:  # adapters only: they are applied to this base checkpoint
+                run_info.update(peft=module.peft.to_dict(),
+                                base_checkpoint=str(Path(self.restore_weights_from).resolve()))
             checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
         self.barrier("checkpoint-dirs")
         request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
@@ -309,6 +316,11 @@ class MegatronStrategy(DDPStrategy):
             raise checkpoint_io.CheckpointError(
                 f"checkpoint {path} holds model weights only (no optimizer or data position) and cannot be "
                 "resumed from; start a new run from it with AutoResume(restore_weights_from=...)")
+        saved_lora, lora = checkpoint_io.lora_of(path), self.lightning_module.peft
+        if (saved_lora is None) != (lora is None) or (lora is not None and saved_lora != lora.to_dict()):
+            raise checkpoint_io.CheckpointError(
+                f"checkpoint {path} was saved with peft={saved_lora} but this run has "
+                f"peft={lora.to_dict() if lora else None}; resume with the same scheme or use another directory")
         model_state = self._model_sharded_state_dict()
         template = {"state_dict": model_state}
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
@@ -324,7 +336,8 @@ class MegatronStrategy(DDPStrategy):
         log.info("initialized the model weights from %s", path)
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        checkpoint_io.apply_model_state(self.lightning_module.unwrapped_chunks(), checkpoint["state_dict"], strict)
+        checkpoint_io.apply_model_state(self.lightning_module.unwrapped_chunks(), checkpoint["state_dict"], strict,
+                                        self._model_part())
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):

@@ -3,7 +3,8 @@
 The tiny and 0.5B pretraining recipes on 1 and 2 GPUs (0.5B with mock data, 4096-token sequences,
 shortened to 20 steps), and the attention:Mamba ratio sweep at a reduced size on one GPU. To fit a
 lease, the 1-GPU runs share GPU 0 one after the other while the sweep has GPU 1 to itself (its
-tokens/s are compared across ratios); the 2-GPU runs follow. Results go to $OUT (result JSON of
+tokens/s are compared across ratios); the 2-GPU runs take GPUs 2 and 3 meanwhile when there are 4,
+else they follow on GPUs 0 and 1. Results go to $OUT (result JSON of
 each run, the sweep's table, JSON and plot).
 
     bash tests/gpu/run.sh OUT tests/gpu/test_gpu_recipes.py
@@ -54,6 +55,7 @@ def recipe_run(factory: str, devices: int, overrides: list[str], gpus: str) -> d
 
 
 def sweep(gpus: str) -> dict:
+    # An interrupted sweep goes on where it stopped when run again (finished ratios are kept).
     args = [sys.executable, "-m", "recipes.ratio_sweep", "--dir", str(RUNS / "sweep"), "--max-steps", str(SWEEP_STEPS),
             "--seq-length", "1024", "--global-batch-size", "32", "--micro-batch-size", "8"]
     return dict(command(args, gpus, RUNS / "sweep.log", RUNS / "sweep" / "ratio_sweep.json"), name="ratio_sweep",
@@ -65,13 +67,23 @@ def runs():
     def one_gpu_runs():
         return [recipe_run("tiny", 1, SHORT_TINY, "0"), recipe_run("falcon_h1_0p5b", 1, SHORT_0P5B, "0")]
 
-    with ThreadPoolExecutor(2) as pool:
-        first, swept = pool.submit(one_gpu_runs), pool.submit(sweep, "1")
-        results = {r["name"]: r for r in [*first.result(), swept.result()]}
-    with ThreadPoolExecutor(2) as pool:  # the 2-GPU runs side by side on both GPUs
-        two = [pool.submit(recipe_run, "tiny", 2, SHORT_TINY, "0,1"),
-               pool.submit(recipe_run, "falcon_h1_0p5b", 2, SHORT_0P5B, "0,1")]
-        results.update({r["name"]: r for r in (f.result() for f in two)})
+    def swept():
+        return [sweep("1")]
+
+    def two_gpu_runs(gpus):  # side by side: the tiny model leaves the GPUs mostly idle
+        with ThreadPoolExecutor(2) as pool:
+            two = [pool.submit(recipe_run, "tiny", 2, SHORT_TINY, gpus),
+                   pool.submit(recipe_run, "falcon_h1_0p5b", 2, SHORT_0P5B, gpus)]
+            return [f.result() for f in two]
+
+    four = torch.cuda.device_count() >= 4
+    with ThreadPoolExecutor(3) as pool:
+        jobs = [pool.submit(one_gpu_runs), pool.submit(swept)]
+        if four:  # with 4 GPUs the 2-GPU runs take GPUs 2 and 3 at the same time
+            jobs.append(pool.submit(two_gpu_runs, "2,3"))
+        results = {r["name"]: r for job in jobs for r in job.result()}
+    if not four:
+        results.update({r["name"]: r for r in two_gpu_runs("0,1")})
     for r in results.values():
         shutil.copy(r["log"], OUT / r["log"].name)
     return results
