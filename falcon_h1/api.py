@@ -7,6 +7,7 @@
     merge_lora(checkpoint, output)           LoRA adapter checkpoint -> full checkpoint
     generate_text(checkpoint, prompts)       continue text prompts with a checkpoint
     evaluate(checkpoint, data)               validation loss / perplexity of a checkpoint
+    bench(preset, seq_lengths, layout)       time the training step: tokens/s, TFLOP/s, MFU, memory
 
 Each takes built objects (a FalconH1Module, a data module, a Trainer, an AutoResume), so the same
 call works from a fiddle recipe (`run.Partial(pretrain, model=..., ...)`), the command line
@@ -115,3 +116,18 @@ def evaluate(checkpoint: str, data: str, seq_length: int = 2048, batch_size: int
     print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
           f"{result['tokens']} tokens in {result['rows']} rows")
     return result
+
+
+@run.cli.entrypoint(namespace="falcon", run_ctx_cls=FalconRunContext,
+                    help="Time the training step of a preset: preset=1.5b seq_lengths=[4096,8192] output=bench.json")
+def bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batch_size: int = 1,
+          micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1,
+          sequence_parallel: bool = False, steps: int = 10, warmup: int = 3, output: str = "bench.json") -> list[dict]:
+    """Median training step (forward, backward, optimizer) of `preset` at each sequence length
+    (default 4096 and 8192) and parallel layout: tokens/s, model TFLOP/s and MFU per GPU, peak
+    memory; a table on stdout and the rows in `output` (falcon_h1/benchmarks/step.py). Multi-GPU
+    layouts: add `run.executor=local run.executor.ntasks_per_node=N`."""
+    from falcon_h1.benchmarks.step import run_bench
+
+    return run_bench(preset, seq_lengths, micro_batch_size, micro_batches, tensor_parallel, pipeline_parallel,
+                     context_parallel, sequence_parallel, steps, warmup, output)

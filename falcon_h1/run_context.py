@@ -5,8 +5,8 @@
 - `--dryrun` with an executor shows the launch request (the torchrun command, the sbatch script),
   not only the resolved config;
 - a run on the local executor that fails is reported as a failure (nemo-run exits 0 whatever
-  the task did): the task writes LOG_DIR/result.json when it finishes, so its absence after the
-  run means the task failed.
+  the task did): the task writes a file when it finishes (a training task LOG_DIR/result.json,
+  `bench` its `output` JSON), so its absence after the run means the task failed.
 """
 
 import time
@@ -47,6 +47,14 @@ class FalconRunContext(RunContext):
         started = time.time()
         super()._execute_task(fn, task_args)
         if watch:
-            result = Path(self.parse_fn(fn, task_args).trainer.log_dir) / "result.json"
-            if not result.exists() or result.stat().st_mtime < started:
+            result = completion_file(self.parse_fn(fn, task_args))
+            if result is not None and (not result.exists() or result.stat().st_mtime < started):
                 raise TaskFailed(f"the {self.name} task failed: it did not write {result}; its log is above")
+
+
+def completion_file(task) -> Path | None:
+    """The file a task writes when it succeeds, if it has one."""
+    if getattr(task, "trainer", None) is not None:
+        return Path(task.trainer.log_dir) / "result.json"
+    output = getattr(task, "output", None)
+    return Path(output) if isinstance(output, str) else None

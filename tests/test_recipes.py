@@ -188,8 +188,20 @@ def test_nemo_falcon_namespace(tmp_path):
     nemo = os.path.join(os.path.dirname(sys.executable), "nemo")
     done = subprocess.run([nemo, "falcon", "--help"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    for command in ("pretrain", "finetune", "import", "export", "merge-lora", "generate", "evaluate"):
+    for command in ("pretrain", "finetune", "import", "export", "merge-lora", "generate", "evaluate", "bench"):
         assert command in done.stdout
+
+
+def test_bench_times_real_training_steps_through_the_cli(tmp_path):
+    out = tmp_path / "bench.json"
+    done = falcon_h1_cli("bench", "-y", "preset=tiny", "seq_lengths=[64,128]", "steps=2", "warmup=1", f"output={out}",
+                         tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["seq_length"] for r in rows] == [64, 128] and all(r["steps"] == 2 for r in rows)
+    assert all(r["step_time_s"] > 0 and r["tokens_per_sec_per_gpu"] > 0 and r["model_tflops_per_gpu"] > 0
+               for r in rows)
+    assert "| tiny | 128 |" in done.stdout
 
 
 def test_ratio_sweep_runs_and_writes_its_table_and_plot(tmp_path):

@@ -1,0 +1,177 @@
+"""Benchmark the project's training step: tokens/s, model TFLOP/s and MFU per GPU, peak memory.
+
+    python -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192
+    falcon-h1 bench -y preset=1.5b seq_lengths=[4096,8192]
+    torchrun --nproc-per-node 4 -m falcon_h1.benchmarks.step --preset 7b --tp 2 --cp 2 --seq-lengths 32768
+
+For each sequence length it runs the real training loop (FalconH1Module under MegatronStrategy,
+bf16 on GPU, Megatron's distributed optimizer, random tokens) for warm-up + measured steps in this
+process and reports the median of the measured steps. A step is forward, backward and optimizer
+step of one global batch (micro-batch x DP x micro-batches per step), timed with the GPU
+synchronised at both ends. Model FLOPs are counted as in docs/flops.md; MFU is against the bf16
+GEMM rate measured on this GPU at the start (a large square matmul), not the datasheet peak.
+Rank 0 prints one row per sequence length and, with --json, writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import pytorch_lightning as pl
+
+
+def measured_gemm_tflops(size: int = 8192, repeats: int = 20) -> float | None:
+    """bf16 TFLOP/s of a size^3 matmul on this GPU (median of repeats after warm-up); None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+class StepRecorder(pl.Callback):
+    """Each step's time and peak memory, as ThroughputMonitor measured them (it runs first)."""
+
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.peak_gib = 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from falcon_h1.training.callbacks import ThroughputMonitor
+
+        monitor = next(c for c in trainer.callbacks if isinstance(c, ThroughputMonitor))
+        metrics = monitor.last_metrics
+        self.step_times.append(metrics["throughput/step_time_s"])
+        self.peak_gib = max(self.peak_gib, metrics.get("memory/peak_allocated_gib", 0.0))
+
+
+def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batch_size: int = 1,
+                        micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                        context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10,
+                        warmup: int = 3, gemm_tflops: float | None = None, **config_overrides) -> dict:
+    """One row: the median step of `steps` after `warmup`, for the preset at that layout."""
+    import torch
+
+    from falcon_h1.data.pretraining import MockDataModule
+    from falcon_h1.model.presets import preset_config
+    from falcon_h1.training.checkpoint import AutoResume
+    from falcon_h1.training.flops import training_flops_per_step
+    from falcon_h1.training.module import FalconH1Module
+    from falcon_h1.training.optim import LRSchedule, falcon_h1_optimizer_config
+    from falcon_h1.training.pretrain import build_trainer, pretrain
+    from falcon_h1.training.strategy import MegatronStrategy
+
+    config = preset_config(preset, **config_overrides)
+    strategy = MegatronStrategy(tensor_model_parallel_size=tensor_parallel,
+                                pipeline_model_parallel_size=pipeline_parallel,
+                                context_parallel_size=context_parallel, sequence_parallel=sequence_parallel)
+    recorder = StepRecorder()
+    with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as log_dir:
+        trainer = build_trainer(log_dir, max_steps=warmup + steps, strategy=strategy, val_check_interval=10 ** 9,
+                                limit_val_batches=0, log_every_n_steps=max(1, warmup + steps),
+                                checkpoint_every_n_steps=None, keep_last_k=None, extra_callbacks=[recorder])
+        world = trainer.world_size
+        data_parallel = world // (tensor_parallel * pipeline_parallel * context_parallel)
+        global_batch = micro_batch_size * data_parallel * micro_batches
+        data = MockDataModule(config.vocab_size, seq_length, micro_batch_size, global_batch)
+        module = FalconH1Module(config, falcon_h1_optimizer_config(lr=1e-5),
+                                LRSchedule(warmup_steps=1, decay_style="constant"))
+        pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
+    measured = recorder.step_times[warmup:]
+    step_time = statistics.median(measured)
+    tokens = global_batch * seq_length
+    tflops = training_flops_per_step(module.config, global_batch, seq_length) / step_time / world / 1e12
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        preset=preset, seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch,
+        layout=dict(tp=tensor_parallel, pp=pipeline_parallel, cp=context_parallel, dp=data_parallel,
+                    sp=sequence_parallel),
+        gpus=world, device=torch.cuda.get_device_name() if on_gpu else "cpu", steps=len(measured),
+        step_time_s=step_time, step_time_spread_s=(min(measured), max(measured)),
+        tokens_per_sec_per_gpu=tokens / step_time / world, model_tflops_per_gpu=tflops,
+        gemm_tflops=gemm_tflops, mfu=tflops / gemm_tflops if gemm_tflops else None,
+        peak_memory_gib=recorder.peak_gib if on_gpu else None,
+        date=time.strftime("%Y-%m-%d"))
+
+
+def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batch_size: int = 1,
+              micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+              context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10, warmup: int = 3,
+              json_path: str | None = None, **config_overrides) -> list[dict]:
+    """Rows for each sequence length (default 4096 and 8192); printed by rank 0, and written to
+    `json_path` if given."""
+    import torch.distributed as dist
+
+    gemm = measured_gemm_tflops()
+    rows = []
+    for seq_length in seq_lengths or [4096, 8192]:
+        rows.append(bench_training_step(preset, seq_length, micro_batch_size, micro_batches, tensor_parallel,
+                                        pipeline_parallel, context_parallel, sequence_parallel, steps, warmup,
+                                        gemm, **config_overrides))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(format_table(rows))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rows, f, indent=2)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| preset | seq | batch | layout | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        layout = " ".join(f"{k}{v}" for k, v in r["layout"].items() if k != "sp") + (" sp" if r["layout"]["sp"] else "")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        lines.append(f"| {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
+                     f"{r['step_time_s']:.3f} | {r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.1f} | "
+                     f"{mfu} | {peak} |")
+    device = rows[0]["device"] if rows else "?"
+    gemm = rows[0]["gemm_tflops"] if rows else None
+    lines.append(f"\n{device}; MFU against the measured bf16 GEMM rate" + (f" {gemm:.0f} TFLOP/s" if gemm else " (none on CPU)"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m falcon_h1.benchmarks.step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="1.5b", help="model shape (falcon_h1.model.presets), default 1.5b")
+    parser.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step and DP rank")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    parser.add_argument("--cp", type=int, default=1, help="context parallel size")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (with TP > 1)")
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps left out (compilation, autotuning)")
+    parser.add_argument("--num-layers", type=int, help="override the preset's layer count")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    run_bench(args.preset, args.seq_lengths, args.micro_batch_size, args.micro_batches, args.tp, args.pp, args.cp,
+              args.sp, args.steps, args.warmup, args.json, **overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
