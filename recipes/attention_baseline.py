@@ -15,31 +15,9 @@ import nemo_run as run
 
 import recipes
 from falcon_h1.api import pretrain
-from falcon_h1.model.param_count import parameter_count
-from falcon_h1.model.presets import preset_fields
+from falcon_h1.model.presets import attention_only_fields
 
 NAME = "attention_baseline"
-WIDTH_MULTIPLE = 128
-
-
-def attention_only_fields(preset: str) -> dict:
-    """FalconH1Config fields of the pure-attention model matching `preset`'s parameter count."""
-    from falcon_h1.model.config import FalconH1Config
-
-    hybrid = FalconH1Config(**preset_fields(preset))
-    target = parameter_count(hybrid)["total"]
-    heads = hybrid.hidden_size // hybrid.kv_channels
-    groups = hybrid.num_query_groups if heads % hybrid.num_query_groups == 0 else 1
-
-    def config(ffn: int) -> FalconH1Config:
-        return FalconH1Config(**preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads,
-                                              num_query_groups=groups, ffn_hidden_size=ffn))
-
-    ffn = hybrid.ffn_hidden_size
-    while parameter_count(config(ffn + WIDTH_MULTIPLE))["total"] <= target:
-        ffn += WIDTH_MULTIPLE
-    return preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads, num_query_groups=groups,
-                         ffn_hidden_size=ffn)
 
 
 @run.cli.factory(target=pretrain, name=NAME)

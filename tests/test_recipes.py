@@ -16,7 +16,7 @@ import pytest
 
 import recipes
 from falcon_h1.model.param_count import parameter_count
-from falcon_h1.model.presets import NOMINAL_SIZES
+from falcon_h1.model.presets import NOMINAL_SIZES, preset_config
 from recipes import attention_baseline, long_context, ratio_sweep
 from tests.conftest import REPO
 
@@ -198,10 +198,15 @@ def test_bench_times_real_training_steps_through_the_cli(tmp_path):
                          tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["seq_length"] for r in rows] == [64, 128] and all(r["steps"] == 2 for r in rows)
+    stacks = ["falcon_h1", "transformers", "megatron_gpt"]
+    assert [(r["stack"], r["seq_length"]) for r in rows] == [(s, n) for n in (64, 128) for s in stacks]
+    assert all(r["steps"] == 2 for r in rows)
     assert all(r["step_time_s"] > 0 and r["tokens_per_sec_per_gpu"] > 0 and r["model_tflops_per_gpu"] > 0
                for r in rows)
-    assert "| tiny | 128 |" in done.stdout
+    assert all(r["mamba_path"] == "torch" for r in rows if r["stack"] == "transformers")  # no kernels on CPU
+    hybrid = parameter_count(preset_config("tiny"))["total"]
+    assert all(abs(r["parameters"] - hybrid) <= 0.05 * hybrid for r in rows if r["stack"] == "megatron_gpt")
+    assert "| megatron_gpt | tiny | 128 |" in done.stdout
 
 
 def test_ratio_sweep_runs_and_writes_its_table_and_plot(tmp_path):

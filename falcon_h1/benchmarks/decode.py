@@ -8,7 +8,7 @@ of repeats after a warm-up: the prefill (every prompt through the model, filling
 and Mamba conv/SSM states) and the decode (each step one token per row against the cache).
 decode tokens/s = batch x (new tokens - 1) / decode time. With --hf, transformers'
 FalconH1ForCausalLM of the same shape (random weights) runs `generate` (its own cache) on the
-same prompts for comparison; it reports whether its Mamba kernel path was available.
+same prompts for comparison; it reports whether it ran its Mamba kernel path (hf_step.py).
 """
 
 from __future__ import annotations
@@ -61,16 +61,14 @@ def ours(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: int
 def transformers_generate(preset: str, batch: int, prompt_len: int, new_tokens: int, repeats: int, seed: int) -> dict:
     import torch
 
+    from falcon_h1.benchmarks.hf_step import transformers_modeling
     from falcon_h1.model.config import config_to_hf
     from falcon_h1.model.presets import preset_config
-    from falcon_h1.parity import hf_falcon_h1
 
-    module = hf_falcon_h1()
+    module, mamba_path = transformers_modeling()
     config = module.FalconH1Config(**config_to_hf(preset_config(preset)))
     with torch.device("cuda"):
         model = module.FalconH1ForCausalLM(config).to(torch.bfloat16).eval()
-    modeling = sys.modules[type(model).__module__]
-    kernel_path = bool(getattr(modeling, "is_fast_path_available", False))
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed)).cuda()
 
     def run(n):
@@ -79,7 +77,7 @@ def transformers_generate(preset: str, batch: int, prompt_len: int, new_tokens: 
                            do_sample=False, pad_token_id=0)
 
     row = measure(lambda: run(1), lambda: run(new_tokens), batch, new_tokens, repeats)
-    row["mamba_path"] = "kernels" if kernel_path else "torch"
+    row["mamba_path"] = mamba_path
     return row
 
 

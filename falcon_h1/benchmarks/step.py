@@ -1,4 +1,4 @@
-"""Benchmark the project's training step: tokens/s, model TFLOP/s and MFU per GPU, peak memory.
+"""Benchmark the project's training step against its peers: tokens/s, TFLOP/s and MFU per GPU, memory.
 
     python -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192
     falcon-h1 bench -y preset=1.5b seq_lengths=[4096,8192]
@@ -10,7 +10,10 @@ process and reports the median of the measured steps. A step is forward, backwar
 step of one global batch (micro-batch x DP x micro-batches per step), timed with the GPU
 synchronised at both ends. Model FLOPs are counted as in docs/flops.md; MFU is against the bf16
 GEMM rate measured on this GPU at the start (a large square matmul), not the datasheet peak.
-Rank 0 prints one row per sequence length and, with --json, writes them.
+On one GPU each length also gets, in the same process and with the same batch:
+- transformers' FalconH1ForCausalLM training step (hf_step.py; bf16 autocast, fused AdamW);
+- a pure-attention Megatron Core GPT of the same parameter count (gpt_step.py).
+Rank 0 prints one table and, with --json, writes the rows.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
     tflops = training_flops_per_step(module.config, global_batch, seq_length) / step_time / world / 1e12
     on_gpu = torch.cuda.is_available()
     return dict(
-        preset=preset, seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch,
+        stack="falcon_h1", preset=preset, seq_length=seq_length, micro_batch_size=micro_batch_size, global_batch_size=global_batch,
         layout=dict(tp=tensor_parallel, pp=pipeline_parallel, cp=context_parallel, dp=data_parallel,
                     sp=sequence_parallel),
         gpus=world, device=torch.cuda.get_device_name() if on_gpu else "cpu", steps=len(measured),
@@ -115,17 +118,31 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
 def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batch_size: int = 1,
               micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1,
               context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10, warmup: int = 3,
-              json_path: str | None = None, **config_overrides) -> list[dict]:
+              json_path: str | None = None, compare: bool = True, **config_overrides) -> list[dict]:
     """Rows for each sequence length (default 4096 and 8192); printed by rank 0, and written to
-    `json_path` if given."""
+    `json_path` if given. With `compare` on one GPU (one process), each length also gets the
+    transformers row and the pure-attention Megatron GPT row of the same shape and batch."""
     import torch.distributed as dist
+
+    from falcon_h1.benchmarks.gpt_step import bench_gpt_step
+    from falcon_h1.benchmarks.hf_step import bench_transformers_step
+    from falcon_h1.convert.dist_checkpoint import single_process_megatron
 
     gemm = measured_gemm_tflops()
     rows = []
     for seq_length in seq_lengths or [4096, 8192]:
-        rows.append(bench_training_step(preset, seq_length, micro_batch_size, micro_batches, tensor_parallel,
-                                        pipeline_parallel, context_parallel, sequence_parallel, steps, warmup,
-                                        gemm, **config_overrides))
+        ours = bench_training_step(preset, seq_length, micro_batch_size, micro_batches, tensor_parallel,
+                                   pipeline_parallel, context_parallel, sequence_parallel, steps, warmup,
+                                   gemm, **config_overrides)
+        rows.append(ours)
+        if not compare or ours["gpus"] > 1 or config_overrides:
+            continue
+        batch = ours["global_batch_size"]
+        for bench in (bench_transformers_step, bench_gpt_step):
+            with single_process_megatron():
+                row = bench(preset, seq_length, batch, steps, warmup, gemm)
+            rows.append(dict(row, preset=preset, device=ours["device"], steps=steps, date=ours["date"],
+                             gemm_tflops=gemm, layout=dict(tp=1, pp=1, cp=1, dp=1, sp=False), gpus=1))
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(rows))
         if json_path:
@@ -135,14 +152,19 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| preset | seq | batch | layout | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| stack | preset | seq | batch | layout | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | peak GiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         layout = " ".join(f"{k}{v}" for k, v in r["layout"].items() if k != "sp") + (" sp" if r["layout"]["sp"] else "")
+        stack = r["stack"] + (f" ({r['mamba_path']} Mamba path)" if "mamba_path" in r else "")
+        if "error" in r:
+            lines.append(f"| {stack} | {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
+                         f"{r['error']} | | | | |")
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"| {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
-                     f"{r['step_time_s']:.3f} | {r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.1f} | "
+        lines.append(f"| {stack} | {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
+                     f"{r['step_time_s']:.3f} | {r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.3g} | "
                      f"{mfu} | {peak} |")
     device = rows[0]["device"] if rows else "?"
     gemm = rows[0]["gemm_tflops"] if rows else None
@@ -163,13 +185,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sp", action="store_true", help="sequence parallelism (with TP > 1)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out (compilation, autotuning)")
-    parser.add_argument("--num-layers", type=int, help="override the preset's layer count")
+    parser.add_argument("--num-layers", type=int, help="override the preset's layer count (no comparison rows)")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="only this project's step (default on 1 GPU: also transformers and a Megatron GPT)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
     run_bench(args.preset, args.seq_lengths, args.micro_batch_size, args.micro_batches, args.tp, args.pp, args.cp,
-              args.sp, args.steps, args.warmup, args.json, **overrides)
+              args.sp, args.steps, args.warmup, args.json, not args.no_compare, **overrides)
     return 0
 
 

@@ -99,3 +99,25 @@ def preset_fields(name: str, **overrides) -> dict:
     if name not in PRESETS:
         raise ValueError(f"unknown Falcon-H1 preset {name!r}; choose one of {sorted(PRESETS)}")
     return {**_SHARED, **PRESETS[name], **overrides}
+
+
+def attention_only_fields(preset: str, width_multiple: int = 128) -> dict:
+    """FalconH1Config fields of a pure-attention model with `preset`'s parameter count: all
+    hidden_size / head_dim heads are attention heads (GQA groups as the preset's), no Mamba heads,
+    and the MLP widened in steps of `width_multiple` while the count stays within the preset's.
+    The comparisons' baseline (recipes/attention_baseline.py, the bench's GPT row)."""
+    from falcon_h1.model.param_count import parameter_count
+
+    hybrid = preset_config(preset)
+    target = parameter_count(hybrid)["total"]
+    heads = hybrid.hidden_size // hybrid.kv_channels
+    groups = hybrid.num_query_groups if heads % hybrid.num_query_groups == 0 else 1
+
+    def fields(ffn: int) -> dict:
+        return preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads, num_query_groups=groups,
+                             ffn_hidden_size=ffn)
+
+    ffn = hybrid.ffn_hidden_size
+    while parameter_count(FalconH1Config(**fields(ffn + width_multiple)))["total"] <= target:
+        ffn += width_multiple
+    return fields(ffn)
