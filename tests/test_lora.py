@@ -152,6 +152,8 @@ def test_merged_export_matches_transformers(hf_and_model, tmp_path):
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_tensor_parallel_adapters_match_one_rank(hf_and_model, tmp_path, sequence_parallel):
     hf, _ = hf_and_model
+    if sequence_parallel and hf.config.num_key_value_heads > 1:
+        pytest.skip("SP runs on the shape with replicated rows only (saves CI time; the plain shape runs without)")
     model = build_from_hf(hf)
     _, adapters = save_base_and_adapters(hf, model, tmp_path, LoRA(dim=4, alpha=8))
     tokens = random_tokens(hf.config, 2, 24, seed=7)
