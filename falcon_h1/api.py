@@ -47,8 +47,10 @@ def finetune(model: pl.LightningModule, data: pl.LightningDataModule, trainer: p
         raise ValueError("finetune needs the checkpoint to start from: resume=AutoResume(restore_weights_from=PATH) "
                          "(on the command line: resume.restore_weights_from=PATH)")
     if hasattr(data, "tokenizer_dir") and data.tokenizer_dir is None and resume.restore_weights_from:
+        from falcon_h1.training.checkpoint_io import tokenizer_path
+
         # SFT data is tokenized with the tokenizer of the model being fine-tuned.
-        tokenizer = Path(resume.restore_weights_from) / "context" / "tokenizer"
+        tokenizer = tokenizer_path(resume.restore_weights_from)
         if not tokenizer.is_dir():
             raise ValueError(f"{resume.restore_weights_from} carries no tokenizer ({tokenizer}); set data.tokenizer_dir")
         data.tokenizer_dir = str(tokenizer)

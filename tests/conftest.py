@@ -47,6 +47,15 @@ def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) 
         return code, output.read()
 
 
+def falcon_h1_cli(*args, tmp_path, timeout=600, threads: int | None = None) -> subprocess.CompletedProcess:
+    """The project's console script (`python -m falcon_h1.cli ARGS`) with its own nemo-run home
+    under tmp_path; `threads` caps OMP threads (for runs side by side on CI's 2 cores)."""
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore",
+               **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.run([sys.executable, "-m", "falcon_h1.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=timeout)
+
+
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `script` under torchrun with `nproc` CPU processes (gloo); fail with its output on error."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")

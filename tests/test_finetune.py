@@ -13,10 +13,7 @@ prompt/response pairs that a model can learn in a few dozen steps.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,16 +21,13 @@ import pytest
 import torch
 
 from falcon_h1.model.lora import LoRA, is_adapter_key
-from tests.conftest import REPO
+from tests.conftest import falcon_h1_cli
 
-CLI = [sys.executable, "-m", "falcon_h1.cli"]
 PROMPTS = ["n = 3\n", "n = 17\n"]
 
 
-def falcon_h1_cli(*args, tmp_path, timeout=900, threads=None):
-    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore",
-               **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+def cli(*args, tmp_path, threads=None):
+    done = falcon_h1_cli(*args, tmp_path=tmp_path, timeout=900, threads=threads)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -136,14 +130,14 @@ def test_lora_run_resumes_exactly(single_rank, imported, sft_jsonl, tmp_path):
 def finetune_and_export(peft_scheme: str, base, sft_jsonl, tmp_path):
     """falcon-h1 finetune (16 steps) then export, through the CLI; (result.json, export directory)."""
     run_dir, export = tmp_path / f"run_{peft_scheme}", tmp_path / f"export_{peft_scheme}"
-    falcon_h1_cli("finetune", "--factory", f"tiny(checkpoint={base}, data={sft_jsonl}, peft_scheme={peft_scheme})",
+    cli("finetune", "--factory", f"tiny(checkpoint={base}, data={sft_jsonl}, peft_scheme={peft_scheme})",
                   f"trainer.log_dir={run_dir}", "trainer.max_steps=16", "trainer.val_check_interval=16",
                   "trainer.limit_val_batches=1", "model.lr_schedule.warmup_steps=2", "model.optimizer.lr=3e-3",
                   "data.global_batch_size=8", "data.micro_batch_size=4", "-y", "run.executor=local",
                   tmp_path=tmp_path / peft_scheme, threads=1)
     result = json.loads((run_dir / "result.json").read_text())
     result["validation"] = validation_losses(run_dir)
-    falcon_h1_cli("export", "-y", f"checkpoint={result['checkpoint']}", f"output={export}",
+    cli("export", "-y", f"checkpoint={result['checkpoint']}", f"output={export}",
                   tmp_path=tmp_path / peft_scheme, threads=1)
     return result, export
 
@@ -154,7 +148,7 @@ def test_cli_import_finetune_export_generate(imported, sft_jsonl, tmp_path):
     from falcon_h1.parity import hf_falcon_h1
 
     hf_dir, _ = imported
-    falcon_h1_cli("import", "-y", f"source={hf_dir}", f"output={tmp_path / 'base'}", tmp_path=tmp_path)
+    cli("import", "-y", f"source={hf_dir}", f"output={tmp_path / 'base'}", tmp_path=tmp_path)
     schemes = ["lora", "none"]
     with ThreadPoolExecutor(2) as pool:  # the two chains side by side, one core each
         runs = dict(zip(schemes, pool.map(lambda s: finetune_and_export(s, tmp_path / "base", sft_jsonl, tmp_path),

@@ -149,11 +149,10 @@ def test_merged_export_matches_transformers(hf_and_model, tmp_path):
     assert not any(p.name.startswith(".hf.merged-") for p in tmp_path.iterdir())  # scratch removed
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True])
-def test_tensor_parallel_adapters_match_one_rank(hf_and_model, tmp_path, sequence_parallel):
-    hf, _ = hf_and_model
-    if sequence_parallel and hf.config.num_key_value_heads > 1:
-        pytest.skip("SP runs on the shape with replicated rows only (saves CI time; the plain shape runs without)")
+# Sequence parallelism on the shape with replicated rows only (each launch costs CI ~12 s).
+@pytest.mark.parametrize("shape, sequence_parallel", [("plain", False), ("gqa_groups", False), ("gqa_groups", True)])
+def test_tensor_parallel_adapters_match_one_rank(single_rank, tmp_path, shape, sequence_parallel):
+    hf = make_hf_model(seed=5, **CONFIGS[shape])
     model = build_from_hf(hf)
     _, adapters = save_base_and_adapters(hf, model, tmp_path, LoRA(dim=4, alpha=8))
     tokens = random_tokens(hf.config, 2, 24, seed=7)

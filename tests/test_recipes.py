@@ -18,16 +18,7 @@ import recipes
 from falcon_h1.model.param_count import parameter_count
 from falcon_h1.model.presets import NOMINAL_SIZES, preset_config
 from recipes import attention_baseline, long_context, ratio_sweep
-from tests.conftest import REPO
-
-CLI = [sys.executable, "-m", "falcon_h1.cli"]
-
-
-def falcon_h1_cli(*args, tmp_path, timeout=600):
-    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore")
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=timeout)
-
+from tests.conftest import REPO, falcon_h1_cli
 
 def built_config(recipe):
     """The FalconH1Config of a recipe at the recipe's parallel layout (validated by the config)."""

@@ -15,27 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import warnings
 
-
-def _timed(fn) -> float:
-    import torch
-
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
+from falcon_h1.benchmarks.timing import median_time
 
 
 def measure(run_prefill, run_generate, batch: int, new_tokens: int, repeats: int) -> dict:
     """Median prefill and full-generation times -> prefill and decode rates."""
-    run_generate()  # warm-up: kernel compilation and autotuning
-    prefill = statistics.median(_timed(run_prefill) for _ in range(repeats))
-    total = statistics.median(_timed(run_generate) for _ in range(repeats))
+    total = median_time(run_generate, repeats, warmup=1)  # warm-up: kernel compilation and autotuning
+    prefill = median_time(run_prefill, repeats)
     decode = max(total - prefill, 1e-9)
     return dict(prefill_s=prefill, decode_s=decode, total_s=total,
                 decode_tokens_per_s=batch * (new_tokens - 1) / decode,

@@ -12,13 +12,13 @@ Megatron's forward-backward schedule, timed the same way (median step after warm
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from falcon_h1.benchmarks.timing import median_time
 
 
 def gpt_model(preset: str, seq_length: int, on_gpu: bool):
+    """(GPTModel, its TransformerConfig, the FalconH1Config of the same pure-attention shape)."""
     import torch.nn.functional as F
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -41,7 +41,7 @@ def gpt_model(preset: str, seq_length: int, on_gpu: bool):
     model = GPTModel(config, spec, vocab_size=fields.padded_vocab_size, max_sequence_length=seq_length,
                      position_embedding_type="rope", rotary_base=int(fields.rotary_base),
                      share_embeddings_and_output_weights=fields.share_embeddings_and_output_weights)
-    return model, config, fields.padded_vocab_size, sum(p.numel() for p in model.parameters())
+    return model, config, fields
 
 
 def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: int, warmup: int,
@@ -52,10 +52,11 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from falcon_h1.training.flops import attention_core_flops, linear_flops
+    from falcon_h1.training.flops import training_flops_per_step
 
     on_gpu = torch.cuda.is_available()
-    model, config, vocab, params = gpt_model(preset, seq_length, on_gpu)
+    model, config, fields = gpt_model(preset, seq_length, on_gpu)
+    params = sum(p.numel() for p in model.parameters())
     if on_gpu:
         model.cuda()
         model = Float16Module(config, model)
@@ -65,7 +66,7 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
         optimizer="adam", lr=1e-5, bf16=on_gpu, params_dtype=torch.bfloat16 if on_gpu else torch.float32,
         use_distributed_optimizer=True, clip_grad=1.0), [model])
     device = torch.device("cuda" if on_gpu else "cpu")
-    tokens = torch.randint(0, vocab, (micro_batch_size, seq_length), device=device)
+    tokens = torch.randint(0, fields.padded_vocab_size, (micro_batch_size, seq_length), device=device)
     positions = torch.arange(seq_length, device=device).expand(micro_batch_size, -1)
 
     def forward_step(data_iterator, model):
@@ -78,36 +79,20 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
         return losses, loss_func
 
     schedule = get_forward_backward_func()
-    times = []
-    for _ in range(warmup + steps):
-        if on_gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step():
         model.zero_grad_buffer()
         optimizer.zero_grad()
         schedule(forward_step_func=forward_step, data_iterator=iter([None]), model=[model], num_microbatches=1,
                  seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
         optimizer.step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_time = statistics.median(times[warmup:])
-    # Model FLOPs counted as for ours (docs/flops.md): forward GEMMs and causal attention core, x3.
+
+    step_time = median_time(step, steps, warmup)
+    # Model FLOPs as for ours (docs/flops.md): the same count on the equal pure-attention config.
     token_count = micro_batch_size * seq_length
-    gemm = sum(linear_flops(token_count, *shape) for shape in _gemm_shapes(config, vocab))
-    attention = config.num_layers * micro_batch_size * attention_core_flops(
-        seq_length, config.num_attention_heads, config.kv_channels)
-    tflops = 3 * (gemm + attention) / step_time / 1e12
+    tflops = training_flops_per_step(fields, micro_batch_size, seq_length) / step_time / 1e12
     return dict(stack="megatron_gpt", parameters=params, seq_length=seq_length, global_batch_size=micro_batch_size,
                 step_time_s=step_time, tokens_per_sec_per_gpu=token_count / step_time, model_tflops_per_gpu=tflops,
                 mfu=tflops / gemm_tflops if gemm_tflops else None,
                 peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if on_gpu else None)
 
-
-def _gemm_shapes(config, vocab: int) -> list[tuple[int, int]]:
-    """(in, out) of every weight GEMM a token goes through: each layer's q/k/v, o, MLP gate-up and
-    down projections, and the output layer."""
-    h, heads, groups, d = config.hidden_size, config.num_attention_heads, config.num_query_groups, config.kv_channels
-    per_layer = [(h, (heads + 2 * groups) * d), (heads * d, h), (h, 2 * config.ffn_hidden_size),
-                 (config.ffn_hidden_size, h)]
-    return per_layer * config.num_layers + [(h, vocab)]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import statistics
 import sys
-import time
 
 import torch
+
+from falcon_h1.benchmarks.timing import median_time
 
 
 MODELING = "transformers.models.falcon_h1.modeling_falcon_h1"
@@ -48,7 +48,6 @@ def bench_transformers_step(preset: str, seq_length: int, micro_batch_size: int,
     ours = preset_config(preset)
     module, path = transformers_modeling()
     row = dict(stack="transformers", seq_length=seq_length, global_batch_size=micro_batch_size, mamba_path=path)
-    model = optimizer = None
     try:
         with device:
             model = module.FalconH1ForCausalLM(module.FalconH1Config(**config_to_hf(ours)))
@@ -57,26 +56,17 @@ def bench_transformers_step(preset: str, seq_length: int, micro_batch_size: int,
         tokens = torch.randint(0, ours.vocab_size, (micro_batch_size, seq_length), device=device)
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(warmup + steps):
-            if on_gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+        def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if on_gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+
+        step_time = median_time(step, steps, warmup)
     except torch.OutOfMemoryError:
         return dict(row, error="out of memory")
-    finally:
-        del model, optimizer
-        if on_gpu:
-            torch.cuda.empty_cache()
-    step_time = statistics.median(times[warmup:])
     tflops = training_flops_per_step(ours, micro_batch_size, seq_length) / step_time / 1e12
     return dict(row, step_time_s=step_time, tokens_per_sec_per_gpu=micro_batch_size * seq_length / step_time,
                 model_tflops_per_gpu=tflops, mfu=tflops / gemm_tflops if gemm_tflops else None,

@@ -27,12 +27,12 @@ import time
 import warnings
 
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
 
 
 def measured_gemm_tflops(size: int = 8192, repeats: int = 20) -> float | None:
     """bf16 TFLOP/s of a size^3 matmul on this GPU (median of repeats after warm-up); None on CPU."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
@@ -71,8 +71,6 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
                         context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10,
                         warmup: int = 3, gemm_tflops: float | None = None, **config_overrides) -> dict:
     """One row: the median step of `steps` after `warmup`, for the preset at that layout."""
-    import torch
-
     from falcon_h1.data.pretraining import MockDataModule
     from falcon_h1.model.presets import preset_config
     from falcon_h1.training.checkpoint import AutoResume
@@ -122,8 +120,6 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     """Rows for each sequence length (default 4096 and 8192); printed by rank 0, and written to
     `json_path` if given. With `compare` on one GPU (one process), each length also gets the
     transformers row and the pure-attention Megatron GPT row of the same shape and batch."""
-    import torch.distributed as dist
-
     from falcon_h1.benchmarks.gpt_step import bench_gpt_step
     from falcon_h1.benchmarks.hf_step import bench_transformers_step
     from falcon_h1.convert.dist_checkpoint import single_process_megatron
@@ -141,6 +137,8 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
         for bench in (bench_transformers_step, bench_gpt_step):
             with single_process_megatron():
                 row = bench(preset, seq_length, batch, steps, warmup, gemm)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # that stack's model and optimizer are gone
             rows.append(dict(row, preset=preset, device=ours["device"], steps=steps, date=ours["date"],
                              gemm_tflops=gemm, layout=dict(tp=1, pp=1, cp=1, dp=1, sp=False), gpus=1))
     if not dist.is_initialized() or dist.get_rank() == 0:

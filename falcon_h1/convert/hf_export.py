@@ -77,7 +77,7 @@ def export_hf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         write_hf_weights(staging, planned, parse_size(max_shard_size), meter)
         out_config = dict(config_to_hf(config), dtype=str(planned[0].dtype).removeprefix("torch."))
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, sort_keys=True) + "\n")
-        tokenizer = path / checkpoint_io.CONTEXT_DIR / "tokenizer"
+        tokenizer = checkpoint_io.tokenizer_path(path)
         if tokenizer.is_dir():
             for file in tokenizer.iterdir():
                 if file.is_file():

@@ -120,7 +120,7 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, output: str | os.PathLike, d
         run_info = {"weights_only": True, "global_step": 0, "consumed_samples": 0,
                     "imported_from": str(hf_dir.resolve()), "dtype": str(dtype).removeprefix("torch.")}
         checkpoint_io.write_context(staging, config_to_hf(config), run_info, tokenizer_dir=None)
-        tokenizer = staging / checkpoint_io.CONTEXT_DIR / "tokenizer"
+        tokenizer = checkpoint_io.tokenizer_path(staging)
         for name in CONTEXT_FILES:
             if (hf_dir / name).is_file():
                 tokenizer.mkdir(exist_ok=True)

@@ -41,7 +41,7 @@ def merge_lora_checkpoint(adapters: str | os.PathLike, output: str | os.PathLike
     if dtype is None:
         info = CheckpointWeights(base / checkpoint_io.WEIGHTS_DIR).info(DTYPE_PROBE_KEY)
         dtype = info[1] if info else torch.float32
-    hf_config, run_info = checkpoint_io.read_context(path)
+    _, run_info = checkpoint_io.read_context(path)
     with single_process_megatron():
         config = checkpoint_io.checkpoint_model_config(path, use_cpu_initialization=True, kernel_backend="torch")
         model = FalconH1Model(config)
@@ -49,7 +49,7 @@ def merge_lora_checkpoint(adapters: str | os.PathLike, output: str | os.PathLike
         checkpoint_io.load_model_weights([model], path)
         merge_lora(model)
         model.to(dtype)
-        tokenizer = path / checkpoint_io.CONTEXT_DIR / "tokenizer"
+        tokenizer = checkpoint_io.tokenizer_path(path)
         info = {k: v for k, v in run_info.items() if k not in ("peft", "base_checkpoint")}
         info.update(merged_from=dict(adapters=str(path.resolve()), base=str(base), peft=scheme))
         with staged_output(output, overwrite) as staging:

@@ -37,7 +37,8 @@ def documents_of(data: str, tokenizer) -> list[tuple[list[int], list[int]]]:
 
     check_dataset_prefixes([str(data)])
     dataset = IndexedDataset(str(data))
-    return [(dataset[i].tolist(), [1] * len(dataset[i])) for i in range(len(dataset))]
+    documents = (dataset[i].tolist() for i in range(len(dataset)))
+    return [(ids, [1] * len(ids)) for ids in documents]
 
 
 @torch.no_grad()

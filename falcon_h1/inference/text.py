@@ -22,7 +22,7 @@ def load_for_generation(checkpoint: str | Path, device: str | None = None):
     from falcon_h1.training import checkpoint_io
 
     path = checkpoint_io.check_loadable(checkpoint)
-    tokenizer_dir = path / checkpoint_io.CONTEXT_DIR / "tokenizer"
+    tokenizer_dir = checkpoint_io.tokenizer_path(path)
     if not tokenizer_dir.is_dir():
         raise checkpoint_io.CheckpointError(f"checkpoint {path} carries no tokenizer ({tokenizer_dir}); "
                                             "generate from token ids with falcon_h1.inference.generate instead")

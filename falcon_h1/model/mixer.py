@@ -418,15 +418,16 @@ class HybridMixer(MegatronModule):
             sharded.update(getattr(self, name).sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata))
         # The in-projection's rows and the out-projection's columns, and the adapter matrices split
         # like them, are stored as their canonical blocks.
-        split_like_weight = [("in_proj.weight", self.in_proj.weight), ("out_proj.weight", self.out_proj.weight)]
+        rows_like_in_proj = [("in_proj.weight", self.in_proj.weight)]
+        columns_like_out_proj = [("out_proj.weight", self.out_proj.weight)]
         if "in_proj" in self.adapters:
-            split_like_weight.append(("adapters.in_proj.lora_b", self.adapters["in_proj"].lora_b))
+            rows_like_in_proj.append(("adapters.in_proj.lora_b", self.adapters["in_proj"].lora_b))
         if "out_proj" in self.adapters:
-            split_like_weight.append(("adapters.out_proj.lora_a", self.adapters["out_proj"].lora_a))
-        for name, tensor in split_like_weight:
-            key = f"{prefix}{name}"
-            sharded[key] = (_rows_factory(key, tensor, layout.in_proj, sharded_offsets, dp_rank) if "in_proj" in name
-                            else _out_proj_factory(key, tensor, layout, sharded_offsets, dp_rank))
+            columns_like_out_proj.append(("adapters.out_proj.lora_a", self.adapters["out_proj"].lora_a))
+        for name, tensor in rows_like_in_proj:
+            sharded[prefix + name] = _rows_factory(prefix + name, tensor, layout.in_proj, sharded_offsets, dp_rank)
+        for name, tensor in columns_like_out_proj:
+            sharded[prefix + name] = _out_proj_factory(prefix + name, tensor, layout, sharded_offsets, dp_rank)
         for name, segments in (("qkv_bias", layout.attention_segments), ("ssm_in_bias", layout.ssm_segments)):
             if getattr(self, name) is not None:
                 sharded[f"{prefix}{name}"] = _rows_factory(

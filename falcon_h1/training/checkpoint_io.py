@@ -124,6 +124,11 @@ def check_loadable(path: str | os.PathLike) -> Path:
     return path
 
 
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """Where a checkpoint keeps its tokenizer files (the directory may not exist)."""
+    return Path(path) / CONTEXT_DIR / "tokenizer"
+
+
 def write_context(path: str | os.PathLike, hf_config: dict, run_info: dict, tokenizer_dir: str | None) -> None:
     """Rank 0: what is needed to rebuild the model and its tokenizer without the training code's
     arguments (fine-tuning, export, generation)."""
@@ -132,7 +137,7 @@ def write_context(path: str | os.PathLike, hf_config: dict, run_info: dict, toke
     (context / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     (context / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
     if tokenizer_dir:
-        shutil.copytree(tokenizer_dir, context / "tokenizer", dirs_exist_ok=True)
+        shutil.copytree(tokenizer_dir, tokenizer_path(path), dirs_exist_ok=True)
 
 
 def read_context(path: str | os.PathLike) -> tuple[dict, dict]:

@@ -103,13 +103,14 @@ def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None)
     checkpointer = checkpoint_callback(trainer)
     checkpoint_dir = checkpointer.dirpath if checkpointer else None
     ckpt_path = resume.checkpoint_to_resume(checkpoint_dir)
+    lora = getattr(model, "peft", None)
     if ckpt_path is None and resume.restore_weights_from:
         trainer.strategy.restore_weights_from = resume.restore_weights_from
-    elif ckpt_path is not None and getattr(model, "peft", None) is not None:
+    elif ckpt_path is not None and lora is not None:
         # A LoRA checkpoint holds the adapters alone; the base weights come from the checkpoint
         # they were trained on.
         trainer.strategy.restore_weights_from = str(checkpoint_io.base_checkpoint_of(ckpt_path))
-    if getattr(model, "peft", None) is not None and trainer.strategy.restore_weights_from is None:
+    if lora is not None and trainer.strategy.restore_weights_from is None:
         raise ValueError("LoRA trains adapters on a base model: give the base checkpoint with "
                          "resume=AutoResume(restore_weights_from=PATH) (resume.restore_weights_from=PATH)")
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)

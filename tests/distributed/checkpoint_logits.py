@@ -49,24 +49,11 @@ def main():
 
 
 def save_weights(model, source, target):
-    import shutil
-    from pathlib import Path
-
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
     from falcon_h1.training import checkpoint_io
 
-    target = Path(target)
-    if dist.get_rank() == 0:
-        checkpoint_io.begin_save(target)
-        shutil.copytree(Path(source) / checkpoint_io.CONTEXT_DIR, target / checkpoint_io.CONTEXT_DIR)
-    dist.barrier()
-    sharded = {"state_dict": checkpoint_io.model_sharded_state_dict([model])}
-    dist_checkpointing.save(sharded, str(target / checkpoint_io.WEIGHTS_DIR))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        checkpoint_io.mark_finished(target)
+    hf_config, run_info = checkpoint_io.read_context(source)
+    tokenizer = checkpoint_io.tokenizer_path(source)
+    checkpoint_io.save_model([model], target, hf_config, run_info, str(tokenizer) if tokenizer.is_dir() else None)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ one another on GPU 0. Results (result.json of each run, decode JSON) go to $OUT.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.gpu.conftest import run_once
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
@@ -70,26 +69,19 @@ def base_checkpoint() -> tuple[Path, Path]:
 def finetune(peft_scheme: str, gpu: str, checkpoint: Path, data: Path) -> dict:
     run_dir = RUNS / f"finetune_{peft_scheme}"
     log = RUNS / f"finetune_{peft_scheme}.log"
-    if not (run_dir / "result.json").exists():
-        args = [sys.executable, "-m", "falcon_h1.cli", "finetune", "--factory",
-                f"falcon_h1_0p5b(checkpoint={checkpoint}, data={data}, peft_scheme={peft_scheme})",
-                f"trainer.log_dir={run_dir}", f"model.optimizer.lr={LR[peft_scheme]}", *SHORT, "-y",
-                "run.executor=local"]
-        env = dict(os.environ, NEMORUN_HOME=str(RUNS / "nemorun"), CUDA_VISIBLE_DEVICES=gpu, COLUMNS="200")
-        with open(log, "w") as output:
-            subprocess.run(args, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=1200)
+    args = [sys.executable, "-m", "falcon_h1.cli", "finetune", "--factory",
+            f"falcon_h1_0p5b(checkpoint={checkpoint}, data={data}, peft_scheme={peft_scheme})",
+            f"trainer.log_dir={run_dir}", f"model.optimizer.lr={LR[peft_scheme]}", *SHORT, "-y", "run.executor=local"]
+    run_once(args, gpu, log, run_dir / "result.json", RUNS / "nemorun")
     shutil.copy(log, OUT / log.name)
     return dict(dir=run_dir, log=log)
 
 
 def decode_benchmark(gpu: str) -> Path:
     out = RUNS / "decode_0p5b.json"
-    if not out.exists():
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-        with open(RUNS / "decode.log", "w") as log:
-            subprocess.run([sys.executable, "-m", "falcon_h1.benchmarks.decode", "--preset", "0.5b", "--batch-sizes",
-                            "1", "8", "32", "--prompt-len", "512", "--new-tokens", "128", "--repeats", "2", "--hf", "--json", str(out)],
-                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=1200)
+    run_once([sys.executable, "-m", "falcon_h1.benchmarks.decode", "--preset", "0.5b", "--batch-sizes", "1", "8", "32",
+              "--prompt-len", "512", "--new-tokens", "128", "--repeats", "2", "--hf", "--json", out],
+             gpu, RUNS / "decode.log", out, RUNS / "nemorun")
     shutil.copy(RUNS / "decode.log", OUT / "decode.log")
     return out
 

@@ -13,7 +13,6 @@ each run, the sweep's table, JSON and plot).
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.gpu.conftest import run_once
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
@@ -37,13 +36,7 @@ SWEEP_STEPS = 150
 
 
 def command(args: list[str], gpus: str, log: Path, done: Path) -> dict:
-    if done.exists():
-        return {"code": 0, "log": log}
-    env = dict(os.environ, NEMORUN_HOME=str(RUNS / "nemorun"), CUDA_VISIBLE_DEVICES=gpus, COLUMNS="200",
-               PYTHONWARNINGS="ignore")
-    with open(log, "w") as output:
-        code = subprocess.run(args, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=1200).returncode
-    return {"code": code, "log": log}
+    return {"code": run_once(args, gpus, log, done, RUNS / "nemorun"), "log": log}
 
 
 def recipe_run(factory: str, devices: int, overrides: list[str], gpus: str) -> dict:
