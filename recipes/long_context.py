@@ -1,8 +1,9 @@
 """Long-context training: 128k-token sequences with context parallelism.
 
 Each sequence is split over CP ranks (the mixer exchanges sequence for heads around its cores)
-and/or TP ranks with sequence parallelism on, and the attention core is recomputed in backward
-(selective recompute, "core_attn") so that only q, k, v stay in memory per layer.
+and/or TP ranks with sequence parallelism on, and both cores are recomputed in backward
+(selective recompute: "core_attn", and recompute_ssd_scan for conv1d + SSD scan) so that only
+their inputs stay in memory per layer.
 Falcon-H1 extends context after pretraining (16k, then 128k), so the recipe starts from a
 checkpoint's weights by default; 8 sequences per step (1M tokens).
 
@@ -40,7 +41,8 @@ def pretrain_recipe(size: str = "falcon_h1_7b", checkpoint: str | None = None, s
                             sequence_parallel=tp > 1, num_nodes=num_nodes, lr=common.FINETUNE_LR, warmup_steps=50,
                             max_steps=max_steps)
     config = common.model_config(base.preset, max_position_embeddings=max(seq_length, 131072),
-                                 recompute_granularity="selective", recompute_modules=["core_attn"])
+                                 recompute_granularity="selective", recompute_modules=["core_attn"],
+                                 recompute_ssd_scan=True)
     recipe = common.pretrain_recipe(
         common.lightning_module(config, size_spec.lr, size_spec.warmup_steps, weight_decay=0.0),
         common.trainer(size_spec, dir or f"runs/{size}_{NAME}", max_steps, num_nodes, size_spec.num_gpus_per_node,

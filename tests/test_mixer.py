@@ -117,3 +117,43 @@ def test_selective_recompute_of_core_attention_recomputes_it_and_changes_nothing
     assert torch.equal(loss_r, loss)
     for name, grad in grads.items():
         assert (grads_r[name] - grad).abs().max() <= 1e-6, name
+
+
+def _saved_bytes_and_grads(model, tokens):
+    """(bytes autograd keeps for backward, loss, parameter gradients) of one training step."""
+    saved = {}
+
+    def pack(t):
+        saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels=torch.roll(tokens, -1, 1)).mean()
+    loss.backward()
+    return sum(saved.values()), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_recompute_of_the_ssd_scan_keeps_less_for_backward_and_changes_nothing(single_rank):
+    def build(**recompute):
+        config = preset_config("tiny", num_layers=2, use_cpu_initialization=True, kernel_backend="torch",
+                               **recompute)
+        return FalconH1Model(config)
+
+    plain = build()
+    recomputed = build(recompute_ssd_scan=True)
+    recomputed.load_state_dict(plain.state_dict())
+    calls = []
+    for layer in recomputed.decoder.layers:
+        mixer = layer.self_attention
+        mixer._conv_and_scan = lambda *a, _f=mixer._conv_and_scan, **k: (calls.append(1), _f(*a, **k))[1]
+    tokens = torch.randint(1, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    kept, loss, grads = _saved_bytes_and_grads(plain, tokens)
+    kept_r, loss_r, grads_r = _saved_bytes_and_grads(recomputed, tokens)
+    assert len(calls) == 4  # 2 layers: in forward, and again in backward
+    config = plain.config
+    conv_output_bytes = 2 * 64 * (config.d_ssm + 2 * config.mamba_state_dim) * 4  # float32, per layer
+    assert kept - kept_r >= 2 * conv_output_bytes  # at least the conv outputs and all the scan keeps
+    assert torch.equal(loss_r, loss)
+    for name, grad in grads.items():
+        assert (grads_r[name] - grad).abs().max() <= 1e-6, name

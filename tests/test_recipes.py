@@ -85,6 +85,7 @@ def test_long_context_recipe_layout(name):
     config = check_layout(recipe)
     assert recipe.data.seq_length == 131072 and config.max_position_embeddings >= 131072
     assert config.recompute_granularity == "selective" and config.recompute_modules == ["core_attn"]
+    assert config.recompute_ssd_scan
     assert recipe.trainer.devices * recipe.trainer.num_nodes >= recipe.trainer.strategy.context_parallel_size
     assert recipe.resume.restore_weights_from == "ckpts/x"
 

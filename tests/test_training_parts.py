@@ -99,6 +99,39 @@ def test_replicated_rows_count_once_in_the_gradient_norm(single_rank):
         assert optimizer.get_grad_norm() == pytest.approx(expected, rel=1e-6), distributed
 
 
+def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_rank):
+    """Without Apex/TE, Megatron's fallbacks are replaced: fused AdamW (one pass per step) and a
+    gradient norm and clip that make no host sync per tensor. The update is AdamW's, clipped."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.training import grad_norm
+    from falcon_h1.training.optim import build_optimizer
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3, bias=True)
+    reference = [p.detach().clone().requires_grad_() for p in module.parameters()]
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                                                        bucket_size=0), module)
+    optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2, use_distributed_optimizer=True), [ddp], config)
+    assert all(group["fused"] and not group["foreach"] for group in optimizer.optimizer.param_groups)
+    assert clip_grads.l2_norm_impl is grad_norm._foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is grad_norm._foreach_scale
+    grads = [torch.randn_like(p) * 3 for p in reference]  # norm above the clip of 1.0
+    for param, grad in zip(module.parameters(), grads):
+        param.main_grad.copy_(grad)
+    optimizer.step()
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    expected = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for param, grad in zip(reference, grads):
+        param.grad = grad / (total + 1e-6)
+    expected.step()
+    for got, want in zip(module.parameters(), reference):
+        assert torch.allclose(got, want, atol=1e-6), (got, want)
+
+
 def test_checkpoint_directory_rules(tmp_path):
     for step in (5, 10, 15):
         weights = tmp_path / checkpoint_io.checkpoint_name(step) / checkpoint_io.WEIGHTS_DIR

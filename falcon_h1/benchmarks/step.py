@@ -12,7 +12,9 @@ synchronised at both ends. Model FLOPs are counted as in docs/flops.md; MFU is a
 GEMM rate measured on this GPU at the start (a large square matmul), not the datasheet peak.
 On one GPU each length also gets, in the same process and with the same batch:
 - transformers' FalconH1ForCausalLM training step (hf_step.py; bf16 autocast, fused AdamW);
-- a pure-attention Megatron Core GPT of the same parameter count (gpt_step.py).
+- a pure-attention Megatron Core GPT of the same parameter count (gpt_step.py);
+- the component roofline (roofline.py): the best kernel time of each component (GEMMs, attention,
+  SSD scan, conv, norms, loss, optimizer) summed, and the step's time over that sum.
 Rank 0 prints one table and, with --json, writes the rows.
 """
 
@@ -29,6 +31,23 @@ import warnings
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+
+
+# Config overrides that leave the model's function and shape alone, so the peers still compare.
+SHAPE_NEUTRAL_OVERRIDES = {"kernel_backend", "recompute_granularity", "recompute_modules", "recompute_ssd_scan"}
+
+
+def recompute_overrides(recompute: list[str]) -> dict:
+    """Config fields that recompute the named cores ("core_attn", "ssd_scan") in backward."""
+    unknown = set(recompute) - {"core_attn", "ssd_scan"}
+    if unknown:
+        raise ValueError(f"recompute: unknown cores {sorted(unknown)}; choose from core_attn, ssd_scan")
+    overrides = {}
+    if "core_attn" in recompute:
+        overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if "ssd_scan" in recompute:
+        overrides["recompute_ssd_scan"] = True
+    return overrides
 
 
 def measured_gemm_tflops(size: int = 8192, repeats: int = 20) -> float | None:
@@ -66,10 +85,51 @@ class StepRecorder(pl.Callback):
         self.peak_gib = max(self.peak_gib, metrics.get("memory/peak_allocated_gib", 0.0))
 
 
+class StepProfiler(pl.Callback):
+    """Profile one training step (CPU and GPU) and print where its time goes: wall time, GPU busy
+    time, and the ops and kernels with the most GPU and CPU time."""
+
+    def __init__(self, step: int):
+        self.step, self.profiler = step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            torch.cuda.synchronize()
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.profiler is None:
+            return
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - self.start) * 1e3
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+        print(f"profiled step {self.step}: wall {wall_ms:.1f} ms, GPU kernels {busy_ms:.1f} ms")
+        for title, rows in (
+                ("kernels by GPU time", sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in kernels),
+                                               reverse=True)[:25]),
+                ("torch ops by GPU time (self)", sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in events
+                                                         if e.key.startswith("aten::") and e.self_device_time_total),
+                                                        reverse=True)[:20]),
+                ("CPU ops by CPU time (total)", sorted(((e.cpu_time_total / 1e3, e.count, e.key) for e in events
+                                                        if e.device_type == torch.autograd.DeviceType.CPU),
+                                                       reverse=True)[:25])):
+            print(f"  {title}:")
+            for ms, count, name in rows:
+                print(f"    {ms:8.2f} ms {count:6d}x  {name[:110]}")
+        self.profiler = None
+
+
 def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batch_size: int = 1,
                         micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1,
                         context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10,
-                        warmup: int = 3, gemm_tflops: float | None = None, **config_overrides) -> dict:
+                        warmup: int = 3, gemm_tflops: float | None = None, profile: bool = False,
+                        **config_overrides) -> dict:
     """One row: the median step of `steps` after `warmup`, for the preset at that layout."""
     from falcon_h1.data.pretraining import MockDataModule
     from falcon_h1.model.presets import preset_config
@@ -85,10 +145,11 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
                                 pipeline_model_parallel_size=pipeline_parallel,
                                 context_parallel_size=context_parallel, sequence_parallel=sequence_parallel)
     recorder = StepRecorder()
+    callbacks = [recorder] + ([StepProfiler(warmup + 1)] if profile and torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as log_dir:
         trainer = build_trainer(log_dir, max_steps=warmup + steps, strategy=strategy, val_check_interval=10 ** 9,
                                 limit_val_batches=0, log_every_n_steps=max(1, warmup + steps),
-                                checkpoint_every_n_steps=None, keep_last_k=None, extra_callbacks=[recorder])
+                                checkpoint_every_n_steps=None, keep_last_k=None, extra_callbacks=callbacks)
         world = trainer.world_size
         data_parallel = world // (tensor_parallel * pipeline_parallel * context_parallel)
         global_batch = micro_batch_size * data_parallel * micro_batches
@@ -96,7 +157,9 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
         module = FalconH1Module(config, falcon_h1_optimizer_config(lr=1e-5),
                                 LRSchedule(warmup_steps=1, decay_style="constant"))
         pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
-    measured = recorder.step_times[warmup:]
+    # The profiled step, and the next one (which the profiler's report delays), are left out.
+    profiled = (warmup + 1, warmup + 2) if len(callbacks) > 1 else ()
+    measured = [t for i, t in enumerate(recorder.step_times) if i >= warmup and i not in profiled]
     step_time = statistics.median(measured)
     tokens = global_batch * seq_length
     tflops = training_flops_per_step(module.config, global_batch, seq_length) / step_time / world / 1e12
@@ -116,7 +179,8 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
 def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batch_size: int = 1,
               micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1,
               context_parallel: int = 1, sequence_parallel: bool = False, steps: int = 10, warmup: int = 3,
-              json_path: str | None = None, compare: bool = True, **config_overrides) -> list[dict]:
+              json_path: str | None = None, compare: bool = True, profile: bool = False,
+              **config_overrides) -> list[dict]:
     """Rows for each sequence length (default 4096 and 8192); printed by rank 0, and written to
     `json_path` if given. With `compare` on one GPU (one process), each length also gets the
     transformers row and the pure-attention Megatron GPT row of the same shape and batch."""
@@ -129,9 +193,18 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     for seq_length in seq_lengths or [4096, 8192]:
         ours = bench_training_step(preset, seq_length, micro_batch_size, micro_batches, tensor_parallel,
                                    pipeline_parallel, context_parallel, sequence_parallel, steps, warmup,
-                                   gemm, **config_overrides)
+                                   gemm, profile, **config_overrides)
         rows.append(ours)
-        if not compare or ours["gpus"] > 1 or config_overrides:
+        if compare and torch.cuda.is_available() and ours["gpus"] == 1:
+            from falcon_h1.benchmarks.roofline import component_roofline
+            from falcon_h1.model.presets import preset_config
+
+            roofline = component_roofline(preset_config(preset, **config_overrides), micro_batch_size, seq_length,
+                                          micro_batches)
+            ours.update(roofline_ms=roofline["total_ms"], roofline_parts_ms=roofline["parts_ms"],
+                        roofline_implementations=roofline["implementations"],
+                        step_over_roofline=ours["step_time_s"] * 1e3 / roofline["total_ms"])
+        if not compare or ours["gpus"] > 1 or set(config_overrides) - SHAPE_NEUTRAL_OVERRIDES:
             continue
         batch = ours["global_batch_size"]
         for bench in (bench_transformers_step, bench_gpt_step):
@@ -150,20 +223,26 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| stack | preset | seq | batch | layout | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | peak GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| stack | preset | seq | batch | layout | step s | tokens/s/GPU | model TFLOP/s/GPU | MFU | peak GiB "
+             "| x roofline |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         layout = " ".join(f"{k}{v}" for k, v in r["layout"].items() if k != "sp") + (" sp" if r["layout"]["sp"] else "")
         stack = r["stack"] + (f" ({r['mamba_path']} Mamba path)" if "mamba_path" in r else "")
         if "error" in r:
             lines.append(f"| {stack} | {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
-                         f"{r['error']} | | | | |")
+                         f"{r['error']} | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        over = f"{r['step_over_roofline']:.2f}" if "step_over_roofline" in r else "-"
         lines.append(f"| {stack} | {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
                      f"{r['step_time_s']:.3f} | {r['tokens_per_sec_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.3g} | "
-                     f"{mfu} | {peak} |")
+                     f"{mfu} | {peak} | {over} |")
+    for r in rows:
+        if "roofline_ms" in r:
+            parts = ", ".join(f"{name} {ms:.1f}" for name, ms in r["roofline_parts_ms"].items())
+            lines.append(f"\nroofline {r['preset']} {r['global_batch_size']}x{r['seq_length']}: {r['roofline_ms']:.1f} ms "
+                         f"= {parts} (ms; {r['roofline_implementations']})")
     device = rows[0]["device"] if rows else "?"
     gemm = rows[0]["gemm_tflops"] if rows else None
     lines.append(f"\n{device}; MFU against the measured bf16 GEMM rate" + (f" {gemm:.0f} TFLOP/s" if gemm else " (none on CPU)"))
@@ -185,13 +264,19 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="steps left out (compilation, autotuning)")
     parser.add_argument("--num-layers", type=int, help="override the preset's layer count (no comparison rows)")
     parser.add_argument("--no-compare", action="store_true",
-                        help="only this project's step (default on 1 GPU: also transformers and a Megatron GPT)")
+                        help="only this project's step (default on 1 GPU: also transformers, a Megatron GPT and "
+                             "the component roofline)")
+    parser.add_argument("--recompute", nargs="+", choices=("core_attn", "ssd_scan"), default=[],
+                        help="recompute these cores in backward (less activation memory, more compute)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one step after warm-up and print its top kernels and ops (left out of the median)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    overrides.update(recompute_overrides(args.recompute))
     run_bench(args.preset, args.seq_lengths, args.micro_batch_size, args.micro_batches, args.tp, args.pp, args.cp,
-              args.sp, args.steps, args.warmup, args.json, not args.no_compare, **overrides)
+              args.sp, args.steps, args.warmup, args.json, not args.no_compare, args.profile, **overrides)
     return 0
 
 

@@ -73,6 +73,10 @@ class FalconH1Config(TransformerConfig):
 
     # Which implementation runs the SSD scan, conv1d and gated norm (see falcon_h1.kernels).
     kernel_backend: str = "auto"
+    # Selective recompute of the Mamba core (conv1d + SSD scan) in backward: keeps only its inputs
+    # (a view of the in-projection output) per layer. The attention core's is Megatron's
+    # recompute_granularity="selective" with "core_attn" in recompute_modules.
+    recompute_ssd_scan: bool = False
 
     # Megatron defaults that Falcon-H1 sets differently.
     normalization: str = "RMSNorm"

@@ -5,6 +5,10 @@
         Mamba-2:   conv1d+SiLU over [x B C] -> SSD scan (+ D x) -> gate by z -> s
     [a * attention_out_mult | s * ssm_out_mult] --(one row-parallel GEMM)--> out
 
+The multipliers cost no pass over the activations: the input ones scale the in-projection's
+weight rows (scaled_linear.py), attention_out_mult scales the v rows with them (attention is
+linear in v), and ssm_out_mult scales the gated norm's weight.
+
 One fused in-projection and one fused out-projection compute the same function as Hugging Face's
 separate q/k/v/o and mamba in/out projections, with half the GEMM launches and, under tensor and
 sequence parallelism, one all-gather in and one reduce-scatter out per layer. Which rows and
@@ -42,6 +46,7 @@ from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_head
 from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
 from falcon_h1.model.lora import AdapterDict, add_adapter
 from falcon_h1.model.packing import PackedDocuments
+from falcon_h1.model.scaled_linear import row_scaled_linear
 from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
 from falcon_h1.model.utils import param_device
 
@@ -169,9 +174,9 @@ class HybridMixer(MegatronModule):
 
         HF computes q = q_proj(h * attn_in), k = k_proj(h * attn_in) * key_mult,
         [z x B C dt] = mamba.in_proj(h * ssm_in) * ssm_multipliers: a row's GEMM output is scaled
-        by in * post, its bias by post only."""
+        by in * post, its bias by post only. The attention output multiplier goes on v."""
         a_in, s_in = config.attention_in_multiplier, config.ssm_in_multiplier
-        post = dict(q=1.0, k=config.key_multiplier, v=1.0,
+        post = dict(q=1.0, k=config.key_multiplier, v=config.attention_out_multiplier,
                     **dict(zip(("z", "x", "B", "C", "dt"), config.ssm_multipliers)))
         pre = dict(q=a_in, k=a_in, v=a_in, z=s_in, x=s_in, B=s_in, C=s_in, dt=s_in)
         scale = torch.cat([torch.full((s.rows,), pre[s.name] * post[s.name]) for s in segments])
@@ -204,9 +209,10 @@ class HybridMixer(MegatronModule):
         if packed is not None and self.cp is not None:
             raise NotImplementedError("packed documents run without context parallelism")
         core = self.core
-        proj, _ = self.in_proj(hidden_states)  # [s, b, rows]; all-gathered over TP under SP
-        proj = add_adapter(self, "in_proj", hidden_states, proj)
-        proj = proj * self.in_proj_scale.to(proj.dtype)
+        # [s, b, rows], multipliers applied; all-gathered over TP under SP
+        proj, _ = row_scaled_linear(self.in_proj, hidden_states, self.in_proj_scale)
+        if "in_proj" in self.adapters:
+            proj = proj + (self.adapters["in_proj"](hidden_states) * self.in_proj_scale).to(proj.dtype)
         in_bias = self._in_proj_bias()
         if in_bias is not None:
             proj = proj + (in_bias * self.in_proj_bias_scale).to(proj.dtype)
@@ -222,13 +228,13 @@ class HybridMixer(MegatronModule):
                 attn = self._attention_packed(attn_proj, rotary_pos_emb, packed)
             else:
                 attn = self._attention(attn_proj, rotary_pos_emb, attention_mask, packed_seq_params)
-            streams.append(attn * self.config.attention_out_multiplier)
+            streams.append(attn)  # attention_out_multiplier is in v
         if core.mamba_heads:
             if cache is not None:
                 ssm = self._ssm_with_cache(ssm_proj, cache)
             else:
                 ssm = self._ssm(ssm_proj, seq_idx=None if packed is None else packed.seq_idx)
-            streams.append(ssm * self.config.ssm_out_multiplier)
+            streams.append(ssm)  # ssm_out_multiplier is applied by _ssm_output
         mixed = torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
         if self.cp is not None:
             mixed = heads_to_sequence(mixed, (core.attention_out_cols, core.d_ssm), self.cp_group)
@@ -328,7 +334,11 @@ class HybridMixer(MegatronModule):
         heads, p, n, groups, d = self._ssm_dims()
         z, xBC, dt = proj.split([d, d + 2 * groups * n, heads], dim=-1)  # [s, b, .]
         params = self._core_mamba_params()
-        y = self._conv_and_scan(xBC.permute(1, 2, 0), dt, params, seq_idx=seq_idx)
+        if self.config.recompute_ssd_scan and self.training:
+            # Keep xBC and dt; the conv output and the scan's saved tensors are recomputed in backward.
+            y = checkpoint(self._conv_and_scan, xBC.permute(1, 2, 0), dt, params, seq_idx, use_reentrant=False)
+        else:
+            y = self._conv_and_scan(xBC.permute(1, 2, 0), dt, params, seq_idx=seq_idx)
         return self._ssm_output(y.reshape(b, s, d), z, params[-1])
 
     def _conv_and_scan(self, xBC, dt, params, seq_idx=None, return_final_state=False):
@@ -373,13 +383,14 @@ class HybridMixer(MegatronModule):
         return self._ssm_output(y.reshape(b, s, d), z, norm_weight)
 
     def _ssm_output(self, y, z, norm_weight):
-        """The gate (with the grouped RMSNorm when the model has it): y [b, s, d], z [s, b, d] ->
-        [s, b, d]."""
+        """The gate (with the grouped RMSNorm when the model has it) and ssm_out_multiplier:
+        y [b, s, d], z [s, b, d] -> [s, b, d]."""
         layout, config = self.core, self.config
         z = z.transpose(0, 1)
         if norm_weight is None:
-            y = y * F.silu(z)
+            y = y * F.silu(z) * config.ssm_out_multiplier
         else:
+            norm_weight = norm_weight * config.ssm_out_multiplier  # the norm's output scale
             group_size = config.d_ssm // config.mamba_num_groups
             sum_squares = None
             if layout.ssm_group_replicas > 1:

@@ -1,17 +1,23 @@
-"""SwiGLU MLP with Falcon-H1's µP multipliers: down(up(x) * silu(gate(x) * gate_mult)) * down_mult."""
+"""SwiGLU MLP with Falcon-H1's µP multipliers: down(up(x) * silu(gate(x) * gate_mult)) * down_mult.
+
+Both multipliers scale fc1's weight rows: gate_mult its gate rows, down_mult its up rows (the MLP
+is linear in up), so they cost no pass over the activations.
+"""
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import torch
 from megatron.core.transformer.mlp import MLP, apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
+from falcon_h1.kernels.swiglu import swiglu
 from falcon_h1.model.lora import AdapterDict, add_adapter
+from falcon_h1.model.scaled_linear import row_scaled_linear
 
 
 class FalconH1MLP(MLP):
     """Megatron's MLP (fused [gate | up] column-parallel fc1, row-parallel fc2, TP-reshardable
-    checkpoints) with the gate and down multipliers applied in forward."""
+    checkpoints) with the gate and down multipliers on fc1's rows and a fused SwiGLU."""
 
     def __init__(self, config, submodules, is_expert=False, input_size=None, ffn_hidden_size=None,
                  tp_group=None, name=None):
@@ -19,18 +25,24 @@ class FalconH1MLP(MLP):
                          ffn_hidden_size=ffn_hidden_size or config.ffn_hidden_size, tp_group=tp_group,
                          name=name)
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
+        scale = None
+        if config.mlp_multipliers != (1.0, 1.0):
+            rows = self.linear_fc1.weight.shape[0] // 2  # this rank's [gate | up] rows
+            scale = torch.tensor([self.gate_multiplier] * rows + [self.down_multiplier] * rows)
+            scale = scale.to(self.linear_fc1.weight.device)
+        self.register_buffer("fc1_row_scale", scale, persistent=False)
         self.adapters = AdapterDict()  # LoRA on linear_fc1 / linear_fc2 (lora.py)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        fc1, fc1_bias = self.linear_fc1(hidden_states)
-        fc1 = add_adapter(self, "linear_fc1", hidden_states, fc1)
-        if fc1_bias is not None:
-            fc1 = fc1 + fc1_bias
-        gate, up = fc1.chunk(2, dim=-1)
-        hidden = F.silu(gate * self.gate_multiplier) * up
+        scale = self.fc1_row_scale
+        fc1, fc1_bias = row_scaled_linear(self.linear_fc1, hidden_states, scale)
+        for extra in (self.adapters["linear_fc1"](hidden_states) if "linear_fc1" in self.adapters else None,
+                      fc1_bias):
+            if extra is not None:
+                fc1 = fc1 + (extra if scale is None else extra * scale).to(fc1.dtype)
+        hidden = swiglu(fc1)  # = silu(gate * gate_mult) * up * down_mult
         out, out_bias = self.linear_fc2(hidden)
         out = add_adapter(self, "linear_fc2", hidden, out)
-        out = out * self.down_multiplier
         if out_bias is not None:
             out_bias = out_bias * self.down_multiplier
         return out, out_bias

@@ -1,4 +1,4 @@
-"""Gradient norm with the mixer's TP-replicated rows counted once.
+"""Gradient norm with the mixer's TP-replicated rows counted once, and without a host sync per tensor.
 
 Megatron's grad norm sums the squares of every tensor-parallel parameter's gradient over the TP
 ranks. The mixer replicates some rows (KV heads, SSM groups, attention heads when TP exceeds
@@ -11,7 +11,9 @@ gradients the optimizer applies are untouched.
 from __future__ import annotations
 
 import torch
-from megatron.core.optimizer import ChainedOptimizer
+from megatron.core import utils as megatron_utils
+from megatron.core.optimizer import ChainedOptimizer, clip_grads
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from falcon_h1.model.tensor_parallel import REPLICATED_ROWS_ATTR
@@ -65,3 +67,30 @@ def count_replicated_rows_once(optimizer) -> None:
             return [g * scale_of[id(g)] if id(g) in scale_of else g for g in _original(*args, **kwargs)]
 
         opt.get_grads_for_grad_norm = grads_for_norm
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm: the norm of all tensors of tensor_lists[0], on device."""
+    norms = torch._foreach_norm(tensor_lists[0], 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for amp_C.multi_tensor_scale: tensor_lists[1][i] = tensor_lists[0][i] * scale."""
+    sources, targets = tensor_lists
+    if all(s is t for s, t in zip(sources, targets)):
+        torch._foreach_mul_(targets, scale)
+    else:
+        torch._foreach_copy_(targets, torch._foreach_mul(sources, scale))
+
+
+def use_foreach_grad_norm() -> None:
+    """Without Apex or Transformer Engine, Megatron's gradient clipping falls back to a norm that
+    turns every tensor's norm into a Python float (one device sync per parameter, hundreds per
+    step) and to a scale (and main-to-model weight copy) of one kernel pair per tensor; use
+    torch's multi-tensor ops instead."""
+    if clip_grads.l2_norm_impl is megatron_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    for module in (clip_grads, megatron_optimizer):
+        if module.multi_tensor_scale_impl is megatron_utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _foreach_scale

@@ -9,6 +9,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from falcon_h1.training.grad_norm import use_foreach_grad_norm
+
 DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
@@ -56,11 +58,26 @@ def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_confi
     optimizer_config = dataclasses.replace(
         optimizer_config, bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
         min_lr=optimizer_config.min_lr or 0.0)
+    use_foreach_grad_norm()
     optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        _use_fused_adam(inner.optimizer)
         if isinstance(inner, DistributedOptimizer):
             _keep_step_on_state_load(inner)
     return optimizer
+
+
+def _use_fused_adam(torch_optimizer) -> None:
+    """Megatron builds torch's Adam(W) without its `fused` flag when Apex and Transformer Engine
+    are absent; the foreach version it then runs makes a dozen passes over the float32 weights and
+    moments per step (47 ms of a 396 ms 1.5B step on an H100), the fused one a single pass."""
+    if type(torch_optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return  # already fused (Apex, Transformer Engine), or not Adam
+    for group in torch_optimizer.param_groups:
+        group["fused"], group["foreach"] = True, False
+    for state in torch_optimizer.state.values():  # fused keeps each step as a float32 tensor beside its parameter
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].to(torch.float32)
 
 
 def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:
@@ -85,9 +102,10 @@ def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:
 
     def load_state_dict_with_own_steps(state_dict):
         load_state_dict(state_dict)
-        for state in optimizer.optimizer.state.values():
+        for param, state in optimizer.optimizer.state.items():
             if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+                state["step"] = state["step"].to(param.device).clone()
+        _use_fused_adam(optimizer.optimizer)  # checkpoints written by the foreach version restore it
 
     optimizer._set_main_param_and_optimizer_states = set_states_keeping_step
     optimizer.load_state_dict = load_state_dict_with_own_steps

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, ssd_scan
+from falcon_h1.kernels.swiglu import swiglu, swiglu_torch
 from falcon_h1.parity import build_from_hf, make_hf_model, random_tokens, relative_error
 
 pytestmark = [pytest.mark.gpu,
@@ -65,6 +66,15 @@ def test_causal_conv1d_cuda_matches_torch(dtype):
     assert relative_error(y_gpu, y_ref) < TOL[dtype] / 10
     for got, want in zip(g_gpu, g_ref):
         assert relative_error(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_swiglu_matches_torch(dtype):
+    x = torch.randn(3, 333, 2 * 1500, device="cuda", dtype=dtype, requires_grad=True)
+    y_gpu, (g_gpu,) = _grads(lambda: swiglu(x), [x])
+    y_ref, (g_ref,) = _grads(lambda: swiglu_torch(x.float()), [x])
+    assert relative_error(y_gpu, y_ref) < TOL[dtype] / 10
+    assert relative_error(g_gpu, g_ref) < TOL[dtype] / 5
 
 
 @pytest.mark.parametrize("norm_before_gate", [True, False])

@@ -1,0 +1,136 @@
+"""The component roofline of a training step: the best measured kernel time of each component, summed.
+
+For a model config and a micro-batch it times, on this GPU, forward+backward of every component
+the step cannot do without, each alone with the fastest implementation available here:
+
+- gemm:      every linear layer (fused in-projection, out-projection, MLP fc1/fc2, output layer):
+             the forward GEMM and the two backward GEMMs (input and weight gradients), cuBLAS;
+- attention: causal GQA attention, the fastest of torch's SDPA backends;
+- ssd_scan:  the fastest SSD implementation of benchmarks/kernels.py;
+- conv1d:    causal conv1d + SiLU, the fastest of benchmarks/kernels.py;
+- norms:     the two RMSNorms of each layer and the final one, and the Mamba gated RMSNorm;
+- loss:      cross-entropy over the vocabulary (forward and backward);
+- optimizer: one fused AdamW update of every parameter (float32 main weights), timed on a slice
+             and scaled, since it is memory bound.
+
+Everything else a step runs (elementwise multipliers and gates, RoPE, residual adds, copies,
+launch gaps) is overhead over this sum: `bench` reports step time / roofline.
+One GPU, no model parallelism: a micro-batch of `micro_batch x seq_length` tokens, times the
+number of micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from falcon_h1.benchmarks.kernels import bench_conv, bench_ssd, cuda_median_ms, mamba_shape_of
+
+
+def _linear_ms(tokens: int, d_in: int, d_out: int) -> float:
+    x = torch.randn(tokens, d_in, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(tokens, d_out, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        x @ w.t()  # forward
+        g @ w  # input gradient
+        g.t() @ x  # weight gradient
+
+    return cuda_median_ms(fwd_bwd)
+
+
+def _attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> tuple[float, str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    grad = torch.randn_like(q)
+    best = (float("inf"), "none")
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        def step():
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads).backward(grad)
+        try:
+            ms = cuda_median_ms(step)
+        except RuntimeError:  # backend unavailable for this shape or card
+            continue
+        best = min(best, (ms, backend.name.lower()))
+    return best
+
+
+def _rms_norm_ms(tokens: int, width: int) -> float:
+    x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.ones(width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    return cuda_median_ms(lambda: F.rms_norm(x, (width,), w, 1e-5).backward(grad))
+
+
+def _gated_norm_ms(tokens: int, width: int, group_size: int) -> float:
+    from falcon_h1.kernels import gated_rms_norm
+
+    y = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    z = torch.randn_like(y, requires_grad=True)
+    w = torch.ones(width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(y)
+    return cuda_median_ms(lambda: gated_rms_norm(y, z, w, eps=1e-5, group_size=group_size,
+                                                 norm_before_gate=False).backward(grad))
+
+
+def _loss_ms(tokens: int, vocab: int) -> float:
+    logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    return cuda_median_ms(lambda: F.cross_entropy(logits.float(), labels).backward(), repeats=10)
+
+
+def _optimizer_ms(num_params: int, slice_elements: int = 2 ** 27) -> float:
+    n = min(num_params, slice_elements)
+    param = torch.zeros(n, device="cuda", requires_grad=True)
+    param.grad = torch.randn(n, device="cuda")
+    model_copy = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    optimizer = torch.optim.AdamW([param], lr=1e-4, fused=True)
+
+    def update():
+        optimizer.step()
+        model_copy.copy_(param.detach())  # the bf16 model weights follow the float32 main weights
+
+    return cuda_median_ms(update, repeats=10) * num_params / n
+
+
+def component_roofline(config, micro_batch: int, seq_length: int, micro_batches: int = 1) -> dict:
+    """Milliseconds per training step of each component (see the module docstring) and their sum."""
+    from falcon_h1.model.layout import mixer_layout
+    from falcon_h1.model.param_count import parameter_count
+
+    layout = mixer_layout(config, 1, 0)
+    tokens, L = micro_batch * seq_length, config.num_layers
+    h, ffn = config.hidden_size, config.ffn_hidden_size
+    per_micro = {}
+    per_micro["gemm"] = L * (_linear_ms(tokens, h, layout.in_proj_rows) + _linear_ms(tokens, layout.out_proj_cols, h)
+                             + _linear_ms(tokens, h, 2 * ffn) + _linear_ms(tokens, ffn, h)) \
+        + _linear_ms(tokens, h, config.vocab_size)
+    attention_backend = None
+    if layout.attention_heads:
+        ms, attention_backend = _attention_ms(micro_batch, seq_length, layout.attention_heads, layout.kv_heads,
+                                              layout.head_dim)
+        per_micro["attention"] = L * ms
+    ssd_impl = conv_impl = None
+    norms = (2 * L + 1) * _rms_norm_ms(tokens, h)
+    if layout.mamba_heads:
+        shape = mamba_shape_of(config)
+        best = min(bench_ssd(shape, micro_batch, seq_length, check=False, repeats=10),
+                   key=lambda r: r["forward_backward_ms"])
+        per_micro["ssd_scan"], ssd_impl = L * best["forward_backward_ms"], best["implementation"]
+        best = min(bench_conv(shape, micro_batch, seq_length, check=False, repeats=10),
+                   key=lambda r: r["forward_backward_ms"])
+        per_micro["conv1d"], conv_impl = L * best["forward_backward_ms"], best["implementation"]
+        if config.mamba_rms_norm:
+            norms += L * _gated_norm_ms(tokens, config.d_ssm, config.d_ssm // config.mamba_num_groups)
+    per_micro["norms"] = norms
+    per_micro["loss"] = _loss_ms(tokens, config.vocab_size)
+    parts = {name: ms * micro_batches for name, ms in per_micro.items()}
+    parts["optimizer"] = _optimizer_ms(parameter_count(config, padded_vocab=True)["total"])
+    torch.cuda.empty_cache()
+    return dict(parts_ms=parts, total_ms=sum(parts.values()),
+                implementations=dict(attention=attention_backend, ssd_scan=ssd_impl, conv1d=conv_impl))
