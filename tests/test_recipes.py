@@ -221,3 +221,24 @@ def test_every_sweep_ratio_builds():
     for task in tasks.values():
         config = fdl.build(task.model.config)
         assert config.num_attention_heads + config.mamba_num_heads == 8
+
+
+def test_max_length_doubles_the_sequence_until_a_run_fails(tmp_path):
+    """Each length trains in its own process (torchrun for CP=2 on two CPU ranks); the search
+    reports the largest length that trained, and stops at the first that does not."""
+    def search(*flags):
+        out = tmp_path / "rows.json"
+        proc = subprocess.run([sys.executable, "-m", "falcon_h1.benchmarks.max_length", "--preset", "tiny",
+                               "--num-layers", "2", "--start", "64", "--max", "128", "--steps", "1", "--warmup", "1",
+                               "--json", str(out), *flags], capture_output=True, text=True, timeout=600)
+        return proc, json.loads(out.read_text())
+
+    proc, rows = search("--nproc", "2", "--cp", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(r["seq_length"], r["outcome"]) for r in rows] == [(64, "trained"), (128, "trained")]
+    assert rows[-1]["layout"]["cp"] == 2 and rows[-1]["tokens_per_sec_per_gpu"] > 0
+    assert "largest trained sequence: 128 tokens" in proc.stdout
+
+    proc, rows = search("--cp", "2")  # one process cannot hold two CP ranks
+    assert proc.returncode == 1
+    assert [(r["seq_length"], r["outcome"]) for r in rows] == [(64, "failed")]

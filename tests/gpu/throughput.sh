@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The throughput measurements on one GPU (docs/performance.md): the SSD and conv kernels at
-# Falcon-H1 shapes (checked, then timed), and the 1.5B training step against transformers, a
-# same-size Megatron GPT and the component roofline.
-# Usage (repo root, .whl carried): bash tests/gpu/throughput.sh OUT_DIR [kernels|step|all]
+# The throughput measurements on one GPU (docs/performance.md):
+#   kernels: the SSD and conv kernels at Falcon-H1 shapes (checked, then timed);
+#   step:    the 1.5B training step against transformers, a same-size Megatron GPT and the
+#            component roofline, with a profile of one step;
+#   memory:  the longest sequence the 1.5B and 7B train at, without and with recompute.
+# Usage (repo root, .whl carried): bash tests/gpu/throughput.sh OUT_DIR [kernels|step|memory|all]
 set -uo pipefail
 OUT=${1:-/tmp/out}; WHAT=${2:-all}
 mkdir -p "$OUT"
@@ -12,6 +14,14 @@ if [ "$WHAT" = kernels ] || [ "$WHAT" = all ]; then
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -45 "$OUT/kernels.log"
 fi
 if [ "$WHAT" = step ] || [ "$WHAT" = all ]; then
-  python3 -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192 --json "$OUT/step_1.5b.json" \
-    > "$OUT/step.log" 2>&1; tail -25 "$OUT/step.log"
+  python3 -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192 --profile \
+    --json "$OUT/step_1.5b.json" > "$OUT/step.log" 2>&1; tail -25 "$OUT/step.log"
+fi
+if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
+  python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --start 16384 --max 65536 \
+    --json "$OUT/max_length_1.5b.json" 2>&1 | grep "tokens:\|largest"
+  python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --recompute core_attn ssd_scan --start 32768 --max 131072 \
+    --json "$OUT/max_length_1.5b_recompute.json" 2>&1 | grep "tokens:\|largest"
+  python3 -m falcon_h1.benchmarks.max_length --preset 7b --recompute core_attn ssd_scan --start 8192 --max 65536 \
+    --json "$OUT/max_length_7b_recompute.json" 2>&1 | grep "tokens:\|largest"
 fi
