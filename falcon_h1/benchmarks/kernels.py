@@ -8,23 +8,24 @@ float32 torch reference on the same inputs (relative norm error of the output an
 gradient); then its forward+backward is timed (CUDA events, median of repeats after warm-up).
 SSD: mamba_ssm's Triton kernels and the chunked torch scan. (flash-linear-attention's chunked
 simple-GLA kernels compute the same scan, but fla-core 0.6 refuses their backward on Hopper with
-Triton < 3.7.1, which gives wrong gradients there; the GPU image has Triton 3.6.) Conv: the causal-conv1d package's CUDA kernel and torch's conv1d + SiLU,
-on the channels-last view of the in-projection output the mixer passes.
+Triton < 3.7.1, which gives wrong gradients there; the GPU image has Triton 3.6.)
+Conv: the causal-conv1d package's CUDA kernel and torch's conv1d + SiLU, on the channels-last
+view of the in-projection output the mixer passes.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import statistics
 import sys
 import time
 
 import torch
 
-from falcon_h1.kernels import causal_conv1d, ssd_scan
+from falcon_h1.benchmarks.timing import cuda_median_ms
+from falcon_h1.kernels import _importable, causal_conv1d, ssd_scan
 from falcon_h1.kernels.ssd import discretize_dt, ssd_scan_torch
+from falcon_h1.parity import relative_error
 
 
 def mamba_shape(preset: str) -> dict:
@@ -40,18 +41,10 @@ def mamba_shape_of(c) -> dict:
                 dt_limit=tuple(c.mamba_time_step_limit))
 
 
-def available(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-        return True
-    except Exception:
-        return False
-
-
 def ssd_implementations() -> dict:
     """name -> fn(x, dt_raw, A, B, C, D, dt_bias, shape) -> y, each from the raw dt the mixer has."""
     impls = {}
-    if available("falcon_h1.kernels.mamba_ssm_triton"):
+    if _importable("falcon_h1.kernels.mamba_ssm_triton"):
         impls["mamba_ssm"] = lambda x, dt, A, B, C, D, dt_bias, s: ssd_scan(
             x, dt, A, B, C, chunk_size=s["chunk"], D=D, dt_bias=dt_bias, dt_limit=s["dt_limit"], backend="gpu")
     impls["torch"] = lambda x, dt, A, B, C, D, dt_bias, s: ssd_scan_torch(
@@ -80,24 +73,6 @@ def forward_backward(fn, inputs: dict, shape: dict, grad: torch.Tensor):
     y = fn(**leaves, s=shape)
     y.backward(grad)
     return y.detach(), {k: v.grad for k, v in leaves.items()}
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def cuda_median_ms(fn, repeats: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def bench_ssd(shape: dict, batch: int, seq: int, check: bool = True, repeats: int = 20) -> list[dict]:
@@ -134,7 +109,7 @@ def bench_conv(shape: dict, batch: int, seq: int, check: bool = True, repeats: i
     bias = (torch.randn(channels, generator=gen) * 0.1).to("cuda", torch.bfloat16)
     grad = torch.randn(batch, channels, seq, device="cuda", dtype=torch.bfloat16)
     impls = {"torch": "torch"}
-    if available("causal_conv1d"):
+    if _importable("causal_conv1d"):
         impls = {"causal_conv1d": "gpu", "torch": "torch"}
 
     def run(backend, x, w, b):

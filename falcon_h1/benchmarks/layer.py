@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import warnings
 
@@ -63,6 +62,7 @@ def main(argv=None) -> int:
     from megatron.core import parallel_state
     from megatron.core.transformer.spec_utils import build_module
 
+    from falcon_h1.benchmarks.timing import cuda_median_ms
     from falcon_h1.cpu_compat import model_parallel_manual_seed
     from falcon_h1.model.presets import preset_config
     from falcon_h1.model.rotary import RotaryEmbedding
@@ -86,18 +86,7 @@ def main(argv=None) -> int:
         out, _ = layer(x, attention_mask=None, rotary_pos_emb=rope)
         out.backward(grad)
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    step_ms = statistics.median(times)
+    step_ms = cuda_median_ms(step, args.repeats, args.warmup)
 
     profiled = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from falcon_h1.benchmarks.kernels import bench_conv, bench_ssd, cuda_median_ms, mamba_shape_of
+from falcon_h1.benchmarks.kernels import bench_conv, bench_ssd, mamba_shape_of
+from falcon_h1.benchmarks.timing import cuda_median_ms
 
 
 def _linear_ms(tokens: int, d_in: int, d_out: int) -> float:

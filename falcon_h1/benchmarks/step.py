@@ -54,19 +54,11 @@ def measured_gemm_tflops(size: int = 8192, repeats: int = 20) -> float | None:
     """bf16 TFLOP/s of a size^3 matmul on this GPU (median of repeats after warm-up); None on CPU."""
     if not torch.cuda.is_available():
         return None
+    from falcon_h1.benchmarks.timing import cuda_median_ms
+
     a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size ** 3 / statistics.median(times) / 1e12
+    return 2 * size ** 3 / (cuda_median_ms(lambda: a @ b, repeats, warmup=3) / 1e3) / 1e12
 
 
 class StepRecorder(pl.Callback):

@@ -16,6 +16,22 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def cuda_median_ms(fn, repeats: int = 20, warmup: int = 5) -> float:
+    """Median milliseconds of `repeats` calls of `fn` by CUDA events (GPU time from the first
+    launch to the last kernel's end), after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def median_time(fn, repeats: int, warmup: int = 0) -> float:
     """Median seconds of `repeats` calls of `fn` after `warmup` untimed ones."""
     for _ in range(warmup):

@@ -71,8 +71,8 @@ def count_replicated_rows_once(optimizer) -> None:
 
 def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """Drop-in for amp_C.multi_tensor_l2norm: the norm of all tensors of tensor_lists[0], on device."""
-    norms = torch._foreach_norm(tensor_lists[0], 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).reshape(1), None
+    norms = torch._foreach_norm(tensor_lists[0], 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0).reshape(1), None
 
 
 def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
