@@ -79,6 +79,8 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
         return losses, loss_func
 
     schedule = get_forward_backward_func()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # this stack's own peak, not the earlier rows'
 
     def step():
         model.zero_grad_buffer()
