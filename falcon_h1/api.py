@@ -125,16 +125,19 @@ def evaluate(checkpoint: str, data: str, seq_length: int = 2048, batch_size: int
 def bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batch_size: int = 1,
           micro_batches: int = 1, tensor_parallel: int = 1, pipeline_parallel: int = 1, context_parallel: int = 1,
           sequence_parallel: bool = False, steps: int = 10, warmup: int = 3, compare: bool = True,
-          recompute: list[str] | None = None, profile: bool = False, output: str = "bench.json") -> list[dict]:
+          recompute: list[str] | None = None, cuda_graphs: bool = False, profile: bool = False,
+          output: str = "bench.json") -> list[dict]:
     """Median training step (forward, backward, optimizer) of `preset` at each sequence length
     (default 4096 and 8192) and parallel layout: tokens/s, model TFLOP/s and MFU per GPU, peak
     memory; on one GPU also the component roofline and (compare=True) transformers' FalconH1 and a
     same-size Megatron GPT. `recompute`: cores recomputed in backward, "core_attn" and/or
-    "ssd_scan"; `profile`: print where one step's time goes. A table on stdout and the rows in
-    `output` (falcon_h1/benchmarks/step.py). Multi-GPU layouts: add `run.executor=local
-    run.executor.ntasks_per_node=N`."""
+    "ssd_scan"; `cuda_graphs`: replay each layer's forward and backward from CUDA graphs
+    (cuda_graph_impl="local", GPUs only); `profile`: print where one step's time goes. A table on
+    stdout and the rows in `output` (falcon_h1/benchmarks/step.py). Multi-GPU layouts: add
+    `run.executor=local run.executor.ntasks_per_node=N`."""
     from falcon_h1.benchmarks.step import recompute_overrides, run_bench
 
     return run_bench(preset, seq_lengths, micro_batch_size, micro_batches, tensor_parallel, pipeline_parallel,
                      context_parallel, sequence_parallel, steps, warmup, output, compare, profile,
-                     **recompute_overrides(recompute or []))
+                     **recompute_overrides(recompute or []),
+                     **({"cuda_graph_impl": "local"} if cuda_graphs else {}))

@@ -98,13 +98,15 @@ class CPURNGStatesTracker(megatron_random.CudaRNGStatesTracker):
             torch.set_rng_state(original)
 
 
-def model_parallel_manual_seed(seed: int) -> None:
+def model_parallel_manual_seed(seed: int, use_cudagraphable_rng: bool = False) -> None:
     """Seed every RNG stream the way Megatron's model_parallel_cuda_manual_seed does: the same
     default stream on all ranks of a model-parallel group, a per-TP-rank stream for
-    tensor-parallel regions. On CPU the streams live on the CPU generator."""
+    tensor-parallel regions. On CPU the streams live on the CPU generator. CUDA-graphed layers
+    need graph-safe generators (`use_cudagraphable_rng`), and Megatron checks for them when the
+    layers are built."""
     torch.manual_seed(seed)
     if torch.cuda.is_available():
-        megatron_random.model_parallel_cuda_manual_seed(seed)
+        megatron_random.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=use_cudagraphable_rng)
         return
     tracker = CPURNGStatesTracker()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

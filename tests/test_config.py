@@ -62,6 +62,7 @@ def test_configs_this_model_cannot_compute_are_refused(hf, message):
     (dict(ssm_multipliers=(1.0, 1.0)), "5 values"),
     (dict(mamba_time_step_limit=(1.0, 0.5)), "low <= high"),
     (dict(kernel_backend="cuda"), "kernel_backend"),
+    (dict(cuda_graph_impl="transformer_engine"), "'none' or 'local'"),
 ])
 def test_invalid_configs_name_the_problem_and_the_fix(overrides, message):
     with pytest.raises(ValueError, match=message):

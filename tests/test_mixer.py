@@ -157,3 +157,26 @@ def test_recompute_of_the_ssd_scan_keeps_less_for_backward_and_changes_nothing(s
     assert torch.equal(loss_r, loss)
     for name, grad in grads.items():
         assert (grads_r[name] - grad).abs().max() <= 1e-6, name
+
+
+@pytest.mark.parametrize("cuda_graph_impl, survives", [("local", True), ("none", False)])
+def test_backward_survives_the_in_place_buffer_restore_of_cuda_graph_capture(single_rank, cuda_graph_impl, survives):
+    """Megatron's per-layer CUDA-graph capture copies each layer's buffers back in place between
+    capturing its forward and its backward. Under cuda_graph_impl="local" the layer must not hand
+    those buffers (the µP row scales) to autograd itself; without graphs it may (and does)."""
+    config = preset_config("tiny", num_layers=1, use_cpu_initialization=True, kernel_backend="torch",
+                           ssm_multipliers=(0.5, 1.5, 0.7, 1.3, 0.9), mlp_multipliers=(0.8, 1.2))
+    model = FalconH1Model(config)
+    config.cuda_graph_impl = cuda_graph_impl  # after the build: building the graph manager needs CUDA
+    layer = model.decoder.layers[0]
+    assert len(list(layer.buffers())) >= 2  # the in-projection's and fc1's row scales
+    hidden = torch.randn(16, 2, config.hidden_size, requires_grad=True)
+    out, _ = layer(hidden, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(16, hidden.device))
+    for buffer in layer.buffers():
+        buffer.copy_(buffer.clone())
+    if survives:
+        out.sum().backward()
+        assert hidden.grad is not None
+    else:
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()

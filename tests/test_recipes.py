@@ -13,6 +13,7 @@ import sys
 
 import fiddle as fdl
 import pytest
+import torch
 
 import recipes
 from falcon_h1.model.param_count import parameter_count
@@ -242,3 +243,11 @@ def test_max_length_doubles_the_sequence_until_a_run_fails(tmp_path):
     proc, rows = search("--cp", "2")  # one process cannot hold two CP ranks
     assert proc.returncode == 1
     assert [(r["seq_length"], r["outcome"]) for r in rows] == [(64, "failed")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_cuda_graphs_on_cpu_are_refused_with_the_setting_to_change():
+    from falcon_h1.benchmarks.step import bench_training_step
+
+    with pytest.raises(ValueError, match="needs GPUs.*cuda_graph_impl='none'"):
+        bench_training_step("tiny", seq_length=64, steps=1, warmup=0, num_layers=1, cuda_graph_impl="local")

@@ -54,7 +54,10 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
 
     from falcon_h1.training.flops import training_flops_per_step
 
+    from falcon_h1 import cpu_compat
+
     on_gpu = torch.cuda.is_available()
+    cpu_compat.model_parallel_manual_seed(1234)  # Megatron initialises weights from its RNG tracker
     model, config, fields = gpt_model(preset, seq_length, on_gpu)
     params = sum(p.numel() for p in model.parameters())
     if on_gpu:
@@ -89,7 +92,11 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
                  seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=False)
         optimizer.step()
 
-    step_time = median_time(step, steps, warmup)
+    try:
+        step_time = median_time(step, steps, warmup)
+    except torch.OutOfMemoryError:
+        return dict(stack="megatron_gpt", parameters=params, seq_length=seq_length,
+                    global_batch_size=micro_batch_size, error="out of memory")
     # Model FLOPs as for ours (docs/flops.md): the same count on the equal pure-attention config.
     token_count = micro_batch_size * seq_length
     tflops = training_flops_per_step(fields, micro_batch_size, seq_length) / step_time / 1e12

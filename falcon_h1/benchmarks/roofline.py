@@ -1,7 +1,9 @@
 """The component roofline of a training step: the best measured kernel time of each component, summed.
 
 For a model config and a micro-batch it times, on this GPU, forward+backward of every component
-the step cannot do without, each alone with the fastest implementation available here:
+the step cannot do without, each alone with the fastest implementation available here, launched
+from a CUDA graph (the kernels' GPU time, without the CPU's launch gaps, which a step with
+cuda_graph_impl="local" also avoids):
 
 - gemm:      every linear layer (fused in-projection, out-projection, MLP fc1/fc2, output layer):
              the forward GEMM and the two backward GEMMs (input and weight gradients), cuBLAS;
@@ -25,7 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from falcon_h1.benchmarks.kernels import bench_conv, bench_ssd, mamba_shape_of
-from falcon_h1.benchmarks.timing import cuda_median_ms
+from falcon_h1.benchmarks.timing import cuda_median_ms, graphed_median_ms
+
+
+def kernel_ms(fn, repeats: int = 20) -> float:
+    """GPU time of `fn` replayed from a CUDA graph; launched eagerly if it cannot be captured."""
+    ms = graphed_median_ms(fn, repeats)
+    return ms if ms is not None else cuda_median_ms(fn, repeats)
+
+
+def _best_forward_backward_ms(rows: list[dict]) -> tuple[float, str]:
+    def ms(row):
+        return row["forward_backward_graphed_ms"] or row["forward_backward_ms"]
+    best = min(rows, key=ms)
+    return ms(best), best["implementation"]
 
 
 def _linear_ms(tokens: int, d_in: int, d_out: int) -> float:
@@ -38,7 +53,7 @@ def _linear_ms(tokens: int, d_in: int, d_out: int) -> float:
         g @ w  # input gradient
         g.t() @ x  # weight gradient
 
-    return cuda_median_ms(fwd_bwd)
+    return kernel_ms(fwd_bwd)
 
 
 def _attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> tuple[float, str]:
@@ -54,7 +69,7 @@ def _attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int
             with sdpa_kernel([backend]):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads).backward(grad)
         try:
-            ms = cuda_median_ms(step)
+            ms = kernel_ms(step)
         except RuntimeError:  # backend unavailable for this shape or card
             continue
         best = min(best, (ms, backend.name.lower()))
@@ -65,7 +80,7 @@ def _rms_norm_ms(tokens: int, width: int) -> float:
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    return cuda_median_ms(lambda: F.rms_norm(x, (width,), w, 1e-5).backward(grad))
+    return kernel_ms(lambda: F.rms_norm(x, (width,), w, 1e-5).backward(grad))
 
 
 def _gated_norm_ms(tokens: int, width: int, group_size: int) -> float:
@@ -75,14 +90,14 @@ def _gated_norm_ms(tokens: int, width: int, group_size: int) -> float:
     z = torch.randn_like(y, requires_grad=True)
     w = torch.ones(width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(y)
-    return cuda_median_ms(lambda: gated_rms_norm(y, z, w, eps=1e-5, group_size=group_size,
+    return kernel_ms(lambda: gated_rms_norm(y, z, w, eps=1e-5, group_size=group_size,
                                                  norm_before_gate=False).backward(grad))
 
 
 def _loss_ms(tokens: int, vocab: int) -> float:
     logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,), device="cuda")
-    return cuda_median_ms(lambda: F.cross_entropy(logits.float(), labels).backward(), repeats=10)
+    return kernel_ms(lambda: F.cross_entropy(logits.float(), labels).backward(), repeats=10)
 
 
 def _optimizer_ms(num_params: int, slice_elements: int = 2 ** 27) -> float:
@@ -120,12 +135,10 @@ def component_roofline(config, micro_batch: int, seq_length: int, micro_batches:
     norms = (2 * L + 1) * _rms_norm_ms(tokens, h)
     if layout.mamba_heads:
         shape = mamba_shape_of(config)
-        best = min(bench_ssd(shape, micro_batch, seq_length, check=False, repeats=10),
-                   key=lambda r: r["forward_backward_ms"])
-        per_micro["ssd_scan"], ssd_impl = L * best["forward_backward_ms"], best["implementation"]
-        best = min(bench_conv(shape, micro_batch, seq_length, check=False, repeats=10),
-                   key=lambda r: r["forward_backward_ms"])
-        per_micro["conv1d"], conv_impl = L * best["forward_backward_ms"], best["implementation"]
+        ms, ssd_impl = _best_forward_backward_ms(bench_ssd(shape, micro_batch, seq_length, check=False, repeats=10))
+        per_micro["ssd_scan"] = L * ms
+        ms, conv_impl = _best_forward_backward_ms(bench_conv(shape, micro_batch, seq_length, check=False, repeats=10))
+        per_micro["conv1d"] = L * ms
         if config.mamba_rms_norm:
             norms += L * _gated_norm_ms(tokens, config.d_ssm, config.d_ssm // config.mamba_num_groups)
     per_micro["norms"] = norms

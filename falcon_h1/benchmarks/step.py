@@ -21,8 +21,11 @@ Rank 0 prints one table and, with --json, writes the rows.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +37,8 @@ import torch.distributed as dist
 
 
 # Config overrides that leave the model's function and shape alone, so the peers still compare.
-SHAPE_NEUTRAL_OVERRIDES = {"kernel_backend", "recompute_granularity", "recompute_modules", "recompute_ssd_scan"}
+SHAPE_NEUTRAL_OVERRIDES = {"kernel_backend", "recompute_granularity", "recompute_modules", "recompute_ssd_scan",
+                           "cuda_graph_impl"}
 
 
 def recompute_overrides(recompute: list[str]) -> dict:
@@ -141,7 +145,8 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
     with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as log_dir:
         trainer = build_trainer(log_dir, max_steps=warmup + steps, strategy=strategy, val_check_interval=10 ** 9,
                                 limit_val_batches=0, log_every_n_steps=max(1, warmup + steps),
-                                checkpoint_every_n_steps=None, keep_last_k=None, extra_callbacks=callbacks)
+                                checkpoint_every_n_steps=None, keep_last_k=None, save_last=False,
+                                extra_callbacks=callbacks)
         world = trainer.world_size
         data_parallel = world // (tensor_parallel * pipeline_parallel * context_parallel)
         global_batch = micro_batch_size * data_parallel * micro_batches
@@ -181,12 +186,27 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     from falcon_h1.convert.dist_checkpoint import single_process_megatron
 
     gemm = measured_gemm_tflops()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     rows = []
     for seq_length in seq_lengths or [4096, 8192]:
-        ours = bench_training_step(preset, seq_length, micro_batch_size, micro_batches, tensor_parallel,
-                                   pipeline_parallel, context_parallel, sequence_parallel, steps, warmup,
-                                   gemm, profile, **config_overrides)
+        step_args = dict(preset=preset, seq_length=seq_length, micro_batch_size=micro_batch_size,
+                         micro_batches=micro_batches, tensor_parallel=tensor_parallel,
+                         pipeline_parallel=pipeline_parallel, context_parallel=context_parallel,
+                         sequence_parallel=sequence_parallel, steps=steps, warmup=warmup, gemm_tflops=gemm,
+                         profile=profile, **config_overrides)
+        if config_overrides.get("cuda_graph_impl") == "local" and compare and "WORLD_SIZE" not in os.environ:
+            # After a graphed fit its model and optimizer stay in memory (the graphs themselves are
+            # freed; what still holds the model is not found yet), so the peers would run out of
+            # memory: the graphed step trains in a child process, on the same GPU, before them.
+            ours = _training_step_in_child(step_args)
+        else:
+            ours = bench_training_step(**step_args)
         rows.append(ours)
+        _announce(ours)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if compare and torch.cuda.is_available() and ours["gpus"] == 1:
             from falcon_h1.benchmarks.roofline import component_roofline
             from falcon_h1.model.presets import preset_config
@@ -196,22 +216,49 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
             ours.update(roofline_ms=roofline["total_ms"], roofline_parts_ms=roofline["parts_ms"],
                         roofline_implementations=roofline["implementations"],
                         step_over_roofline=ours["step_time_s"] * 1e3 / roofline["total_ms"])
+            _announce(ours, roofline=True)
         if not compare or ours["gpus"] > 1 or set(config_overrides) - SHAPE_NEUTRAL_OVERRIDES:
             continue
         batch = ours["global_batch_size"]
+        if torch.cuda.is_available() and not dist.is_initialized():  # the step ran in a child process
+            # The peers' one-rank Megatron state needs a process group: NCCL, as the step's own run
+            # has (Megatron's DDP and optimizer on CUDA tensors do not run over gloo).
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=torch.device("cuda", torch.cuda.current_device()))
         for bench in (bench_transformers_step, bench_gpt_step):
             with single_process_megatron():
                 row = bench(preset, seq_length, batch, steps, warmup, gemm)
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # that stack's model and optimizer are gone
             rows.append(dict(row, preset=preset, device=ours["device"], steps=steps, date=ours["date"],
                              gemm_tflops=gemm, layout=dict(tp=1, pp=1, cp=1, dp=1, sp=False), gpus=1))
+            _announce(rows[-1])
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(format_table(rows))
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(rows, f, indent=2)
     return rows
+
+
+def _training_step_in_child(step_args: dict) -> dict:
+    """bench_training_step(**step_args) in a fresh Python process; its row."""
+    with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as directory:
+        row_path = os.path.join(directory, "row.json")
+        subprocess.run([sys.executable, "-m", "falcon_h1.benchmarks.step", "--child-row", json.dumps(step_args),
+                        row_path], check=True)
+        with open(row_path) as f:
+            return json.load(f)
+
+
+def _announce(row: dict, roofline: bool = False) -> None:
+    """Each row (or its roofline) as soon as it is measured (the table comes at the end), so a later
+    crash keeps it."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        lines = format_table([row]).splitlines()
+        print("bench row:", next(line for line in lines if line.startswith("roofline")) if roofline else lines[2],
+              flush=True)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -260,13 +307,24 @@ def main(argv=None) -> int:
                              "the component roofline)")
     parser.add_argument("--recompute", nargs="+", choices=("core_attn", "ssd_scan"), default=[],
                         help="recompute these cores in backward (less activation memory, more compute)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture each layer's forward and backward in CUDA graphs after the first step "
+                             "(cuda_graph_impl=local)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one step after warm-up and print its top kernels and ops (left out of the median)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--child-row", nargs=2, metavar=("STEP_ARGS_JSON", "ROW_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.child_row:  # run_bench's child process: one row of this project's step
+        row = bench_training_step(**json.loads(args.child_row[0]))
+        with open(args.child_row[1], "w") as f:
+            json.dump(row, f)
+        return 0
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
     overrides.update(recompute_overrides(args.recompute))
+    if args.cuda_graphs:
+        overrides["cuda_graph_impl"] = "local"
     run_bench(args.preset, args.seq_lengths, args.micro_batch_size, args.micro_batches, args.tp, args.pp, args.cp,
               args.sp, args.steps, args.warmup, args.json, not args.no_compare, args.profile, **overrides)
     return 0

@@ -37,3 +37,23 @@ def median_time(fn, repeats: int, warmup: int = 0) -> float:
     for _ in range(warmup):
         fn()
     return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def graphed_median_ms(fn, repeats: int = 20, warmup: int = 5) -> float | None:
+    """Median milliseconds of `fn`'s kernels replayed from a CUDA graph: GPU time without the CPU's
+    launch gaps, the time a graphed training step (cuda_graph_impl="local") can approach. None
+    when `fn` cannot be captured (it synchronises with the host, say)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, allocations) off the default stream
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return cuda_median_ms(graph.replay, repeats, warmup=2)

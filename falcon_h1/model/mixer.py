@@ -48,7 +48,7 @@ from falcon_h1.model.lora import AdapterDict, add_adapter
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.model.scaled_linear import row_scaled_linear
 from falcon_h1.model.tensor_parallel import group_sum_across_ranks, mark_replicated_rows, sync_replicated_params
-from falcon_h1.model.utils import param_device
+from falcon_h1.model.utils import buffer_for_autograd, param_device
 
 
 @dataclass
@@ -209,13 +209,14 @@ class HybridMixer(MegatronModule):
         if packed is not None and self.cp is not None:
             raise NotImplementedError("packed documents run without context parallelism")
         core = self.core
+        in_scale = buffer_for_autograd(self.in_proj_scale, self.config)
         # [s, b, rows], multipliers applied; all-gathered over TP under SP
-        proj, _ = row_scaled_linear(self.in_proj, hidden_states, self.in_proj_scale)
+        proj, _ = row_scaled_linear(self.in_proj, hidden_states, in_scale)
         if "in_proj" in self.adapters:
-            proj = proj + (self.adapters["in_proj"](hidden_states) * self.in_proj_scale).to(proj.dtype)
+            proj = proj + (self.adapters["in_proj"](hidden_states) * in_scale).to(proj.dtype)
         in_bias = self._in_proj_bias()
         if in_bias is not None:
-            proj = proj + (in_bias * self.in_proj_bias_scale).to(proj.dtype)
+            proj = proj + (in_bias * buffer_for_autograd(self.in_proj_bias_scale, self.config)).to(proj.dtype)
         if self.cp is not None:
             proj = sequence_to_heads(proj, self.layout.in_proj, self.cp, self.cp_group)
 
@@ -412,7 +413,8 @@ class HybridMixer(MegatronModule):
         if self.cp is None:
             return params
         heads, channels = self.cp.rows["dt"], self.cp.rows["z"]
-        rows = (self.cp_conv_channels, self.cp_conv_channels, heads, heads, heads, channels)
+        conv_channels = buffer_for_autograd(self.cp_conv_channels, self.config)
+        rows = (conv_channels, conv_channels, heads, heads, heads, channels)
         return tuple(None if param is None else param[index] for param, index in zip(params, rows))
 
     # ------------------------------------------------------------------ checkpointing

@@ -13,6 +13,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from falcon_h1.kernels.swiglu import swiglu
 from falcon_h1.model.lora import AdapterDict, add_adapter
 from falcon_h1.model.scaled_linear import row_scaled_linear
+from falcon_h1.model.utils import buffer_for_autograd
 
 
 class FalconH1MLP(MLP):
@@ -34,7 +35,7 @@ class FalconH1MLP(MLP):
         self.adapters = AdapterDict()  # LoRA on linear_fc1 / linear_fc2 (lora.py)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
-        scale = self.fc1_row_scale
+        scale = buffer_for_autograd(self.fc1_row_scale, self.config)
         fc1, fc1_bias = row_scaled_linear(self.linear_fc1, hidden_states, scale)
         for extra in (self.adapters["linear_fc1"](hidden_states) if "linear_fc1" in self.adapters else None,
                       fc1_bias):

@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
+from pytorch_lightning.utilities import rank_zero_info
 
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.lora import LoRA, apply_lora
@@ -92,6 +93,7 @@ class FalconH1Module(pl.LightningModule):
         self.automatic_optimization = False
         self.chunks: torch.nn.ModuleList | None = None  # one per virtual pipeline stage
         self.scheduler = None
+        self._cuda_graphs_reported = False
 
     # ---------------------------------------------------------------- model
 
@@ -112,6 +114,28 @@ class FalconH1Module(pl.LightningModule):
             if self.peft is not None:
                 apply_lora(chunks[-1], self.peft)
         self.chunks = torch.nn.ModuleList(chunks)
+
+    def _report_cuda_graphs(self) -> None:
+        """Megatron records the layers' first step and captures their graphs at its end."""
+        runners = [runner for module in self.chunks.modules() if hasattr(module, "cudagraph_manager")
+                   for runner in module.cudagraph_manager.cudagraph_runners]
+        captured = sum(runner.cudagraph_created for runner in runners)
+        rank_zero_info(f"CUDA graphs: captured {captured} of {len(runners)} layer runners (forward and backward "
+                       "each); later steps replay them")
+        self._cuda_graphs_reported = True
+
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.config.cuda_graph_impl == "local":
+            # The graphs and their memory pool (activations, static buffers) outlive the fit
+            # otherwise: the layers hold their runners and Megatron keeps the record and pool in
+            # globals. A later fit in this process (a notebook, the bench's next length) records its
+            # own; evaluation after this one runs eagerly.
+            from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+
+            for module in self.chunks.modules():
+                if hasattr(module, "cudagraph_manager"):
+                    module.cudagraph_manager.cudagraph_runners.clear()
+            delete_cuda_graphs()  # collects garbage and empties the CUDA cache
 
     def unwrapped_chunks(self) -> list[FalconH1Model]:
         """The FalconH1Model inside each (bf16, DDP) wrapper."""
@@ -149,6 +173,8 @@ class FalconH1Module(pl.LightningModule):
         losses = self._forward_backward(micro_batches, forward_only=False)
         optimizer.step()
         self.scheduler.step(1)
+        if self.config.cuda_graph_impl == "local" and not self._cuda_graphs_reported:
+            self._report_cuda_graphs()
 
         loss = self._reduce_loss(losses)
         lr = self.scheduler.get_lr(self.scheduler.optimizer.param_groups[0])

@@ -32,13 +32,15 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
                   precision: str | None = None, devices: int | None = None, num_nodes: int = 1,
                   val_check_interval: int = 100, limit_val_batches: int = 4, log_every_n_steps: int = 10,
                   checkpoint_every_n_steps: int | None = None, keep_last_k: int | None = 2,
-                  save_at_start: bool = False, extra_callbacks: list | None = None) -> pl.Trainer:
+                  save_at_start: bool = False, save_last: bool = True,
+                  extra_callbacks: list | None = None) -> pl.Trainer:
     """A Trainer set up for Megatron training: MegatronStrategy, Megatron precision, progress lines,
     throughput/MFU, TensorBoard, the loss plot and sharded checkpoints under `log_dir`.
 
     precision defaults to "bf16-mixed" on GPU and "32" on CPU. Validation runs every
     `val_check_interval` steps over `limit_val_batches` global batches, and once before the first
-    step (the step-0 validation loss).
+    step (the step-0 validation loss). A checkpoint is written every `checkpoint_every_n_steps` and,
+    with `save_last`, at the end.
     """
     on_gpu = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if on_gpu else "32")
@@ -49,7 +51,7 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
         ProgressPrinter(log_every_n_steps=log_every_n_steps),
         LossPlot(output_dir=log_dir),
         MegatronCheckpoint(log_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps,
-                           keep_last_k=keep_last_k, save_at_start=save_at_start),
+                           keep_last_k=keep_last_k, save_at_start=save_at_start, save_last=save_last),
         *(extra_callbacks or []),
     ]
     return pl.Trainer(

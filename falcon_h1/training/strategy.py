@@ -126,11 +126,16 @@ class MegatronStrategy(DDPStrategy):
     def setup_environment(self) -> None:
         self._check_world_size()
         super().setup_environment()  # process group (NCCL on GPU, gloo on CPU)
+        cuda_graphs = getattr(self.lightning_module.config, "cuda_graph_impl", "none") == "local"
         if self.root_device.type == "cpu":
+            if cuda_graphs:
+                raise ValueError("cuda_graph_impl='local' (per-layer CUDA graphs) needs GPUs; this run is on CPU. "
+                                 "Set model.config.cuda_graph_impl='none'")
             cpu_compat.enable()
         self._initialize_parallel_state()
         # Pipeline stages hold different layers: give each its own initialization stream.
-        cpu_compat.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+        cpu_compat.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank(),
+                                              use_cudagraphable_rng=cuda_graphs)
         trainer = self.lightning_module.trainer
         # Megatron-style sampling (by data-parallel rank, from consumed_samples) is the data
         # module's; Lightning's DistributedSampler would shard over all ranks instead.

@@ -8,9 +8,7 @@ rounding and later steps drift slowly. Seen on 2x H200 (2026-11-27): at most 7e-
 0.015 at step 1 and 0.14 by step 20; the bounds below catch that with room for rounding.
 """
 
-import json
 import os
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,52 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_in_session
+from tests.gpu.training_runs import launch, losses, report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
-TRAIN = str(REPO / "tests/distributed/train_tiny.py")
 COMMON = ["--precision", "bf16-mixed", "--kernel-backend", "auto", "--num-layers", "4", "--seq-length", "512",
           "--max-steps", "20", "--lr", "3e-4"]
 FIRST_STEP_TOLERANCE = 1e-3  # same weights: rounding only
 BF16_LAYOUT_TOLERANCE = 5e-3  # over 20 steps
-OUT = Path(os.environ.get("OUT", tempfile.gettempdir()))  # the JSON report
 # Checkpoints and records shared by the tests; FALCON_H1_GPU_RUNS lets a later pytest call on the
 # same machine reuse finished runs (each run is kept only once its record reaches the last step).
 RUNS = Path(os.environ.get("FALCON_H1_GPU_RUNS") or tempfile.mkdtemp(prefix="falcon_h1_gpu_runs_"))
 
 
-def launch(nproc: int, *args: str, expect_kill: bool = False) -> str:
-    """Run the training script (torchrun for nproc > 1); return its output."""
-    if nproc == 1:
-        cmd = [sys.executable, TRAIN, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN, *args]
-    # Training runs Triton's default (tf32) float32 dots, like users do, not the kernel tests' IEEE.
-    code, text = run_in_session(cmd, timeout=900, env={"TRITON_F32_DEFAULT": "tf32"})
-    if expect_kill:
-        assert code != 0, "the run was meant to be killed"
-    elif code != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({code}):\n{text[-6000:]}")
-    return text
-
-
 def finished(record: Path) -> bool:
     return (record / "steps.jsonl").exists() and 20 in losses(record)
-
-
-def losses(record: Path) -> dict[int, dict]:
-    out = {}
-    for line in (record / "steps.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        out[entry["step"]] = entry
-    return out
-
-
-def report(name: str, payload: dict) -> None:
-    with open(OUT / "gpu_training.jsonl", "a") as f:
-        f.write(json.dumps({"case": name, "device": torch.cuda.get_device_name(), **payload}) + "\n")
-    print(name, json.dumps(payload))
 
 
 @pytest.fixture(scope="module")

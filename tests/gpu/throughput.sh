@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # The throughput measurements on one GPU (docs/performance.md):
 #   kernels: the SSD and conv kernels at Falcon-H1 shapes (checked, then timed);
-#   step:    the 1.5B training step against transformers, a same-size Megatron GPT and the
-#            component roofline, with a profile of one step;
+#   step:    the 1.5B training step with CUDA graphs against transformers, a same-size Megatron
+#            GPT and the component roofline; then without graphs, with a profile of one step;
 #   memory:  the longest sequence the 1.5B and 7B train at, without and with recompute.
 # Usage (repo root, .whl carried): bash tests/gpu/throughput.sh OUT_DIR [kernels|step|memory|all]
 set -uo pipefail
 OUT=${1:-/tmp/out}; WHAT=${2:-all}
 mkdir -p "$OUT"
 source tests/gpu/env.sh || exit 1
+trap 'save_triton_cache "$OUT"' EXIT  # the autotune choices, for the next machine's .triton_cache
 if [ "$WHAT" = kernels ] || [ "$WHAT" = all ]; then
   python3 -m falcon_h1.benchmarks.kernels --presets 0.5b 1.5b 7b 34b --seq-lengths 4096 8192 \
     --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -45 "$OUT/kernels.log"
 fi
 if [ "$WHAT" = step ] || [ "$WHAT" = all ]; then
-  python3 -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192 --profile \
-    --json "$OUT/step_1.5b.json" > "$OUT/step.log" 2>&1; tail -25 "$OUT/step.log"
+  python3 -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192 --cuda-graphs \
+    --json "$OUT/step_1.5b_graphs.json" > "$OUT/step_graphs.log" 2>&1; grep -a "bench row" "$OUT/step_graphs.log"
+  python3 -m falcon_h1.benchmarks.step --preset 1.5b --seq-lengths 4096 8192 --no-compare --profile \
+    --json "$OUT/step_1.5b_eager.json" > "$OUT/step_eager.log" 2>&1; tail -25 "$OUT/step_eager.log"
 fi
 if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
   python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --start 16384 --max 65536 \
