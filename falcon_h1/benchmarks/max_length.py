@@ -37,6 +37,8 @@ def try_length(seq_length: int, args) -> dict:
             flags += ["--recompute", *args.recompute]
         if args.num_layers:
             flags += ["--num-layers", str(args.num_layers)]
+        if args.cuda_graphs:
+            flags.append("--cuda-graphs")
         launcher = [sys.executable]
         if args.nproc > 1:
             launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max", type=int, default=131072, help="stop after this length (default 131072)")
     parser.add_argument("--recompute", nargs="+", choices=("core_attn", "ssd_scan"), default=[],
                         help="recompute these cores in backward")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay each layer from CUDA graphs (cuda_graph_impl=local; its pool changes the peak)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 runs under torchrun")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size (with sequence parallelism)")
     parser.add_argument("--cp", type=int, default=1, help="context parallel size")
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
         length *= 2
     trained = [r["seq_length"] for r in rows if r["outcome"] == "trained"]
     print(f"largest trained sequence: {max(trained) if trained else 'none'} tokens "
-          f"({args.preset}, TP={args.tp}, CP={args.cp}, {args.nproc} process(es), recompute {args.recompute or 'none'})")
+          f"({args.preset}, TP={args.tp}, CP={args.cp}, {args.nproc} process(es), recompute {args.recompute or 'none'}"
+          f"{', CUDA graphs' if args.cuda_graphs else ''})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -21,6 +21,8 @@ if [ "$WHAT" = step ] || [ "$WHAT" = all ]; then
     --json "$OUT/step_1.5b_eager.json" > "$OUT/step_eager.log" 2>&1; tail -25 "$OUT/step_eager.log"
 fi
 if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
+  python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --start 16384 --max 65536 --cuda-graphs \
+    --json "$OUT/max_length_1.5b_graphs.json" 2>&1 | grep "tokens:\|largest"
   python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --start 16384 --max 65536 \
     --json "$OUT/max_length_1.5b.json" 2>&1 | grep "tokens:\|largest"
   python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --recompute core_attn ssd_scan --start 32768 --max 131072 \
