@@ -9,8 +9,10 @@ gradient); then its forward+backward is timed (CUDA events, median of repeats af
 SSD: mamba_ssm's Triton kernels and the chunked torch scan. (flash-linear-attention's chunked
 simple-GLA kernels compute the same scan, but fla-core 0.6 refuses their backward on Hopper with
 Triton < 3.7.1, which gives wrong gradients there; the GPU image has Triton 3.6.)
-Conv: the causal-conv1d package's CUDA kernel and torch's conv1d + SiLU, on the channels-last
-view of the in-projection output the mixer passes.
+Conv: the causal-conv1d package's CUDA kernel, the project's Triton kernel
+(falcon_h1/kernels/conv1d_triton.py) and torch's conv1d + SiLU, on the channels-last view of the
+in-projection output the mixer passes, with a channels-last output gradient as the SSD scan returns it.
+Each forward+backward is also timed replayed from a CUDA graph (GPU time without launch gaps).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 
 import torch
 
 from falcon_h1.benchmarks.timing import cuda_median_ms, graphed_median_ms
 from falcon_h1.kernels import _importable, causal_conv1d, ssd_scan
+from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
 from falcon_h1.kernels.ssd import discretize_dt, ssd_scan_torch
 from falcon_h1.parity import relative_error
 
@@ -108,34 +112,32 @@ def bench_conv(shape: dict, batch: int, seq: int, check: bool = True, repeats: i
     x = proj[..., :channels].permute(1, 2, 0)
     weight = (torch.randn(channels, 1, shape["conv_width"], generator=gen) * 0.5).to("cuda", torch.bfloat16)
     bias = (torch.randn(channels, generator=gen) * 0.1).to("cuda", torch.bfloat16)
-    grad = torch.randn(batch, channels, seq, device="cuda", dtype=torch.bfloat16)
-    impls = {"torch": "torch"}
+    # The gradient arrives channels-last too: the SSD scan reads the output as [b, s, channels].
+    grad = torch.randn(batch, seq, channels, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    impls = {"triton": causal_conv1d_triton, "torch": partial(causal_conv1d, backend="torch")}
     if _importable("causal_conv1d"):
-        impls = {"causal_conv1d": "gpu", "torch": "torch"}
-
-    def run(backend, x, w, b):
-        return causal_conv1d(x, w, b, backend=backend)
+        impls = {"causal_conv1d": partial(causal_conv1d, backend="gpu"), **impls}
 
     reference = None
     if check:
         leaves = [t.detach().float().requires_grad_(True) for t in (x, weight, bias)]
-        out = run("torch", *leaves)
+        out = impls["torch"](*leaves)
         out.backward(grad.float())
         reference = (out.detach(), [t.grad for t in leaves])
     rows = []
-    for name, backend in impls.items():
+    for name, run in impls.items():
         row = dict(kernel="conv1d_silu", implementation=name, batch=batch, seq_length=seq, channels=channels,
                    width=shape["conv_width"])
         leaves = [t.detach().requires_grad_(True) for t in (x, weight, bias)]
         if check:
-            out = run(backend, *leaves)
+            out = run(*leaves)
             out.backward(grad)
             row["error"] = {"y": relative_error(out, reference[0]),
                             **{n: relative_error(t.grad, r) for n, t, r in zip(("dx", "dweight", "dbias"), leaves,
                                                                                   reference[1])}}
-        row["forward_ms"] = cuda_median_ms(lambda: run(backend, *leaves), repeats)
-        row["forward_backward_ms"] = cuda_median_ms(lambda: run(backend, *leaves).backward(grad), repeats)
-        row["forward_backward_graphed_ms"] = graphed_median_ms(lambda: run(backend, *leaves).backward(grad), repeats)
+        row["forward_ms"] = cuda_median_ms(lambda: run(*leaves), repeats)
+        row["forward_backward_ms"] = cuda_median_ms(lambda: run(*leaves).backward(grad), repeats)
+        row["forward_backward_graphed_ms"] = graphed_median_ms(lambda: run(*leaves).backward(grad), repeats)
         rows.append(row)
     return rows
 

@@ -1,4 +1,4 @@
-"""GPU kernels (mamba_ssm's Triton SSD and gated norm, causal-conv1d) against the torch path.
+"""GPU kernels (mamba_ssm's Triton SSD and gated norm, causal-conv1d, ours in Triton) against the torch path.
 
 Run on a CUDA machine with the GPU extra installed: `pytest -m gpu tests/gpu`.
 Float32 runs use IEEE float32 dots in Triton (conftest.py). Tolerances (relative norm error):
@@ -62,6 +62,22 @@ def test_causal_conv1d_cuda_matches_torch(dtype):
     w = torch.randn(640, 1, 4, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(640, device="cuda", dtype=dtype, requires_grad=True)
     y_gpu, g_gpu = _grads(lambda: causal_conv1d(x, w, bias, backend="gpu"), [x, w, bias])
+    y_ref, g_ref = _grads(lambda: causal_conv1d(x, w, bias, backend="torch"), [x, w, bias])
+    assert relative_error(y_gpu, y_ref) < TOL[dtype] / 10
+    for got, want in zip(g_gpu, g_ref):
+        assert relative_error(got, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_causal_conv1d_matches_torch_on_the_mixers_channels_last_input(dtype):
+    from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
+
+    # The mixer's input: a [b, channels, s] view of the in-projection output [s, b, rows].
+    proj = torch.randn(777, 2, 700, device="cuda", dtype=dtype)
+    x = proj[..., 30:670].permute(1, 2, 0).detach().requires_grad_(True)
+    w = torch.randn(640, 1, 4, device="cuda", dtype=dtype, requires_grad=True)
+    bias = torch.randn(640, device="cuda", dtype=dtype, requires_grad=True)
+    y_gpu, g_gpu = _grads(lambda: causal_conv1d_triton(x, w, bias), [x, w, bias])
     y_ref, g_ref = _grads(lambda: causal_conv1d(x, w, bias, backend="torch"), [x, w, bias])
     assert relative_error(y_gpu, y_ref) < TOL[dtype] / 10
     for got, want in zip(g_gpu, g_ref):
