@@ -11,8 +11,8 @@ Forward:  pre[t] = bias + sum_k w[k] x[t - (W-1) + k],  y[t] = silu(pre[t]).
 Backward: g[t] = dy[t] silu'(pre[t]), recomputed from x (nothing but the input is kept);
           dx[t] = sum_j w[W-1-j] g[t+j];  dw[k] = sum_t g[t] x[t - (W-1) + k];  dbias = sum_t g[t].
 dw and dbias are summed per program in float32 and the partial sums added by torch (deterministic).
-The torch version (conv1d.py) is the oracle; tests/test_conv1d_triton.py runs this file under
-Triton's interpreter on the CPU, tests/gpu/test_gpu_kernels.py on the GPU.
+The torch version (conv1d.py) is the oracle: tests/test_triton_kernels_interpreted.py checks this
+file under Triton's interpreter on the CPU, tests/gpu/test_gpu_kernels.py on the GPU.
 """
 
 from __future__ import annotations
