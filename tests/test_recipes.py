@@ -249,5 +249,5 @@ def test_max_length_doubles_the_sequence_until_a_run_fails(tmp_path):
 def test_cuda_graphs_on_cpu_are_refused_with_the_setting_to_change():
     from falcon_h1.benchmarks.step import bench_training_step
 
-    with pytest.raises(ValueError, match="needs GPUs.*cuda_graph_impl='none'"):
+    with pytest.raises(ValueError, match="needs GPUs.*cuda_graph_impl=none in a recipe"):
         bench_training_step("tiny", seq_length=64, steps=1, warmup=0, num_layers=1, cuda_graph_impl="local")

@@ -130,7 +130,8 @@ class MegatronStrategy(DDPStrategy):
         if self.root_device.type == "cpu":
             if cuda_graphs:
                 raise ValueError("cuda_graph_impl='local' (per-layer CUDA graphs) needs GPUs; this run is on CPU. "
-                                 "Set model.config.cuda_graph_impl='none'")
+                                 "Turn it off: model.config.cuda_graph_impl=none in a recipe, cuda_graphs=false "
+                                 "in bench")
             cpu_compat.enable()
         self._initialize_parallel_state()
         # Pipeline stages hold different layers: give each its own initialization stream.
