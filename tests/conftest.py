@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on CPU (CI has no GPU); GPU tests are marked `gpu`."""
 
+import json
 import os
 import signal
 import subprocess
@@ -45,6 +46,16 @@ def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) 
                 pass
         output.seek(0)
         return code, output.read()
+
+
+def step_records(record: Path) -> dict[int, dict]:
+    """Step -> the entry tests/distributed/train_tiny.py wrote for it under `record`; a step run
+    twice (before a kill and after the resume) keeps the later entry."""
+    out = {}
+    for line in (record / "steps.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        out[entry["step"]] = entry
+    return out
 
 
 def falcon_h1_cli(*args, tmp_path, timeout=600, threads: int | None = None) -> subprocess.CompletedProcess:

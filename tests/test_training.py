@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_in_session, torchrun
+from tests.conftest import REPO, run_in_session, step_records, torchrun
 
 TRAIN = "tests/distributed/train_tiny.py"
 GLOBAL_BATCH = 8
@@ -29,15 +29,6 @@ def run_single(*args: str, killed: bool = False, timeout: int = 600) -> str:
     elif code != 0:
         pytest.fail(f"{TRAIN} {' '.join(args)} failed ({code}):\n{text[-8000:]}")
     return text
-
-
-def steps(record: Path) -> dict[int, dict]:
-    """Per step, the last record written (a resumed run rewrites the steps it repeats)."""
-    out = {}
-    for line in (record / "steps.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        out[entry["step"]] = entry
-    return out
 
 
 def samples(record: Path) -> list[list[int]]:
@@ -72,7 +63,7 @@ def test_resume_after_sigkill_repeats_no_sample_and_reproduces_the_losses(refere
     assert len(before) == 7  # the steps read up to the kill
 
     run_single(*common)  # resumes from step 4, the latest complete checkpoint
-    expected, got = steps(reference / "record"), steps(tmp_path / "record")
+    expected, got = step_records(reference / "record"), step_records(tmp_path / "record")
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, (step, got[step], expected[step])
@@ -93,7 +84,7 @@ def test_run_killed_during_a_save_resumes_from_the_previous_good_checkpoint(refe
     assert (checkpoints / "step=0000008-unfinished").exists()  # the torn save is marked
 
     run_single(*common)
-    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    got, expected = step_records(tmp_path / "record"), step_records(reference / "record")
     for step in range(1, 13):
         assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
     assert not (checkpoints / "step=0000008-unfinished").exists()  # step 8 was saved again, completely
@@ -108,7 +99,7 @@ def test_bf16_resume_restores_the_fp32_main_weights(tmp_path):
     common = [*bf16, "--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"), "--checkpoint-every", "3"]
     run_single(*common, "--kill-at-step", "4", killed=True)
     run_single(*common)
-    got, expected = steps(tmp_path / "record"), steps(tmp_path / "ref_record")
+    got, expected = step_records(tmp_path / "record"), step_records(tmp_path / "ref_record")
     for step in range(1, 9):
         assert got[step]["loss"] == expected[step]["loss"], step
 
@@ -122,7 +113,7 @@ def test_async_saves_resume_exactly(reference, tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "step=0000004" / "weights" / "metadata.json").exists()
     run_single(*common)
-    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    got, expected = step_records(tmp_path / "record"), step_records(reference / "record")
     for step in range(1, 13):
         assert abs(got[step]["loss"] - expected[step]["loss"]) <= 1e-6, step
     assert not list(checkpoints.glob("*-unfinished"))
@@ -143,7 +134,7 @@ def test_parallel_layouts_track_the_single_process_loss(request, tmp_path, layou
     initial = reference / "run" / "checkpoints" / "step=0000000"
     torchrun(TRAIN, 2, "--log-dir", str(tmp_path / "run"), "--record", str(tmp_path / "record"),
              "--max-steps", "12", "--restore-weights-from", str(initial), *layers, *layout)
-    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    got, expected = step_records(tmp_path / "record"), step_records(reference / "record")
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 13)]
     assert max(errors) <= LAYOUT_TOLERANCE, errors
     # Gradient norms (and so clipping) agree too: rows TP replicates (the SSM group's B/C here)
@@ -164,7 +155,7 @@ def test_a_run_resumes_at_another_layout(reference, tmp_path):
               "--checkpoint-every", "4"]
     run_single(*common, "--kill-at-step", "5", killed=True)
     torchrun(TRAIN, 2, *common, "--tp", "2", "--sp")  # resumes from step 4
-    got, expected = steps(tmp_path / "record"), steps(reference / "record")
+    got, expected = step_records(tmp_path / "record"), step_records(reference / "record")
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 13)]
     assert max(errors) <= LAYOUT_TOLERANCE, errors
     assert got[12]["consumed_samples"] == 12 * GLOBAL_BATCH

@@ -52,9 +52,8 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from falcon_h1.training.flops import training_flops_per_step
-
     from falcon_h1 import cpu_compat
+    from falcon_h1.training.flops import training_flops_per_step
 
     on_gpu = torch.cuda.is_available()
     cpu_compat.model_parallel_manual_seed(1234)  # Megatron initialises weights from its RNG tracker

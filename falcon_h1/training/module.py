@@ -126,10 +126,10 @@ class FalconH1Module(pl.LightningModule):
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self.config.cuda_graph_impl == "local":
-            # The graphs and their memory pool (activations, static buffers) outlive the fit
-            # otherwise: the layers hold their runners and Megatron keeps the record and pool in
-            # globals. A later fit in this process (a notebook, the bench's next length) records its
-            # own; evaluation after this one runs eagerly.
+            # The layers hold their runners (graphs, static buffers) and Megatron keeps the record
+            # and pool in globals; dropping them lets a later fit in this process record its own,
+            # and evaluation after this one runs eagerly. (The model and part of the pool still
+            # stay in memory afterwards; what holds them is not found yet: docs/architecture.md.)
             from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
             for module in self.chunks.modules():

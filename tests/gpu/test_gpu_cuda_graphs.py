@@ -14,7 +14,8 @@ import json
 import pytest
 import torch
 
-from tests.gpu.training_runs import launch, losses, report
+from tests.conftest import step_records
+from tests.gpu.training_runs import launch, report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
 
@@ -29,7 +30,7 @@ def test_cuda_graphs_train_like_eager_and_resume(tmp_path):
     graphs_out = launch(1, *COMMON, *GRAPHS, "--log-dir", str(tmp_path / "graphs"),
                         "--record", str(tmp_path / "graphs_record"))
     assert "CUDA graphs: captured 4 of 4 layer runners" in graphs_out, graphs_out[-3000:]
-    eager, graphs = losses(tmp_path / "eager_record"), losses(tmp_path / "graphs_record")
+    eager, graphs = step_records(tmp_path / "eager_record"), step_records(tmp_path / "graphs_record")
     assert sorted(eager) == sorted(graphs) == list(range(1, 13))
     for step in eager:
         assert graphs[step]["loss"] == pytest.approx(eager[step]["loss"], abs=TOLERANCE), step
@@ -46,7 +47,7 @@ def test_cuda_graphs_train_like_eager_and_resume(tmp_path):
            "--checkpoint-every", "6", "--kill-at-step", "8", expect_kill=True)
     launch(1, *COMMON, *GRAPHS, "--log-dir", str(resumed_dir), "--record", str(resumed_record),
            "--checkpoint-every", "6")
-    resumed = losses(resumed_record)  # steps 1-8 from the killed run, then 7-12 again
+    resumed = step_records(resumed_record)  # steps 1-8 from the killed run, then 7-12 again
     assert sorted(resumed) == list(range(1, 13))
     for step in range(7, 13):
         assert resumed[step]["loss"] == pytest.approx(eager[step]["loss"], abs=TOLERANCE), step

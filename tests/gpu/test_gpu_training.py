@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.gpu.training_runs import launch, losses, report
+from tests.conftest import step_records
+from tests.gpu.training_runs import launch, report
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
@@ -30,7 +31,7 @@ RUNS = Path(os.environ.get("FALCON_H1_GPU_RUNS") or tempfile.mkdtemp(prefix="fal
 
 
 def finished(record: Path) -> bool:
-    return (record / "steps.jsonl").exists() and 20 in losses(record)
+    return (record / "steps.jsonl").exists() and 20 in step_records(record)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def reference():
     root = RUNS / "reference"
     if not finished(root / "record"):
         launch(1, *COMMON, "--log-dir", str(root / "run"), "--record", str(root / "record"), "--save-at-start")
-    report("1 GPU reference", {"losses": [round(v["loss"], 4) for _, v in sorted(losses(root / "record").items())]})
+    report("1 GPU reference", {"losses": [round(v["loss"], 4) for _, v in sorted(step_records(root / "record").items())]})
     return root
 
 
@@ -75,7 +76,7 @@ def layout_run(layout_runs, request):
 @pytest.mark.parametrize("layout_run", list(LAYOUTS), indirect=True)
 def test_layout_tracks_one_gpu_in_bf16(reference, layout_run):
     name = layout_run.name
-    got, expected = losses(layout_run / "record"), losses(reference / "record")
+    got, expected = step_records(layout_run / "record"), step_records(reference / "record")
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 21)]
     report(name, {"loss_diffs": [round(e, 4) for e in errors], "final_loss": got[20]["loss"],
                   "reference_final": expected[20]["loss"]})
@@ -94,7 +95,7 @@ def test_async_save_then_kill_then_resume(reference, layout_run, tmp_path):
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert "step=0000010" in checkpoints, checkpoints
     launch(2, *COMMON, *run)
-    got, expected = losses(tmp_path / "record"), losses(uninterrupted / "record")
+    got, expected = step_records(tmp_path / "record"), step_records(uninterrupted / "record")
     errors = [abs(got[s]["loss"] - expected[s]["loss"]) for s in range(1, 21)]
     report("tp2 async save + resume", {"checkpoints_after_kill": checkpoints, "max_loss_diff": max(errors),
                                        "consumed_samples_at_20": got[20]["consumed_samples"]})

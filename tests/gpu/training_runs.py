@@ -1,5 +1,6 @@
 """The training runs the GPU training tests make: tests/distributed/train_tiny.py launched on one
-or more GPUs, its per-step record read back, results appended to $OUT/gpu_training.jsonl."""
+or more GPUs (its per-step record is read back with tests.conftest.step_records), results appended
+to $OUT/gpu_training.jsonl."""
 
 import json
 import os
@@ -29,15 +30,6 @@ def launch(nproc: int, *args: str, expect_kill: bool = False) -> str:
     elif code != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({code}):\n{text[-6000:]}")
     return text
-
-
-def losses(record: Path) -> dict[int, dict]:
-    """Step -> its record entry; a step run twice (before a kill and after the resume) keeps the later."""
-    out = {}
-    for line in (record / "steps.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        out[entry["step"]] = entry
-    return out
 
 
 def report(name: str, payload: dict) -> None:
