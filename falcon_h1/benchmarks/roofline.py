@@ -10,8 +10,10 @@ cuda_graph_impl="local" also avoids):
 - attention: causal GQA attention, the fastest of torch's SDPA backends;
 - ssd_scan:  the fastest SSD implementation of benchmarks/kernels.py;
 - conv1d:    causal conv1d + SiLU, the fastest of benchmarks/kernels.py;
-- norms:     the two RMSNorms of each layer and the final one, and the Mamba gated RMSNorm;
-- loss:      cross-entropy over the vocabulary (forward and backward);
+- norms:     the two RMSNorms of each layer and the final one (torch's or the project's Triton
+             kernel, the faster), and the Mamba gated RMSNorm;
+- loss:      cross-entropy over the vocabulary, forward and backward (torch's on float32 logits or
+             the project's fused kernel, the faster);
 - optimizer: one fused AdamW update of every parameter (float32 main weights), timed on a slice
              and scaled, since it is memory bound.
 
@@ -77,10 +79,14 @@ def _attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int
 
 
 def _rms_norm_ms(tokens: int, width: int) -> float:
+    """The faster of torch's rms_norm and the project's Triton RMSNorm."""
+    from falcon_h1.kernels.rms_norm import rms_norm
+
     x = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.ones(width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn_like(x)
-    return kernel_ms(lambda: F.rms_norm(x, (width,), w, 1e-5).backward(grad))
+    return min(kernel_ms(lambda: F.rms_norm(x, (width,), w, 1e-5).backward(grad)),
+               kernel_ms(lambda: rms_norm(x, w, 1e-5).backward(grad)))
 
 
 def _gated_norm_ms(tokens: int, width: int, group_size: int) -> float:
@@ -95,9 +101,20 @@ def _gated_norm_ms(tokens: int, width: int, group_size: int) -> float:
 
 
 def _loss_ms(tokens: int, vocab: int) -> float:
+    """The faster of torch's cross-entropy (float32 logits) and the project's fused one."""
+    from falcon_h1.kernels.cross_entropy import vocab_parallel_cross_entropy
+
     logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,), device="cuda")
-    return kernel_ms(lambda: F.cross_entropy(logits.float(), labels).backward(), repeats=10)
+    torch_ms = kernel_ms(lambda: F.cross_entropy(logits.float(), labels).backward(), repeats=10)
+    scratch = torch.empty_like(logits, requires_grad=True)  # the fused backward overwrites its logits
+
+    def fused():
+        scratch.detach().copy_(logits.detach())
+        torch.autograd.grad(vocab_parallel_cross_entropy(scratch, labels, 1.0, vocab).sum(), scratch)
+
+    copy_ms = kernel_ms(lambda: scratch.detach().copy_(logits.detach()), repeats=10)
+    return min(torch_ms, kernel_ms(fused, repeats=10) - copy_ms)
 
 
 def _optimizer_ms(num_params: int, slice_elements: int = 2 ** 27) -> float:

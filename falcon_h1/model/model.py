@@ -3,13 +3,16 @@
 Megatron provides the embedding, the output layer, the vocab-parallel loss, tied embeddings
 across pipeline stages, pipeline/virtual-pipeline layer placement, recomputation and
 `sharded_state_dict`; this class adds Falcon-H1's embedding and lm_head multipliers and RoPE.
+On CUDA the loss is the project's fused cross-entropy (the lm_head multiplier folded in).
 """
 
 from __future__ import annotations
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding,
+)
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
@@ -21,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
+from falcon_h1.kernels.cross_entropy import triton, vocab_parallel_cross_entropy
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.rotary import RotaryEmbedding
 from falcon_h1.model.specs import default_layer_spec
@@ -144,6 +148,13 @@ class FalconH1Model(LanguageModule):
 
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        if labels is not None and logits.is_cuda and self.config.kernel_backend != "torch" and triton is not None:
+            # The multiplier, the padding and the loss in one pass each way (kernels/cross_entropy.py).
+            start, valid = self._vocab_slice(logits)
+            tp_group = None if logits.shape[-1] == self.vocab_size else self.pg_collection.tp
+            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.config.lm_head_multiplier,
+                                                valid, start, tp_group)
+            return loss.transpose(0, 1).contiguous()
         logits = logits * self.config.lm_head_multiplier
         self._mask_vocab_padding(logits)
         if labels is None:
@@ -151,11 +162,15 @@ class FalconH1Model(LanguageModule):
             return logits[..., : self.config.vocab_size] if logits.shape[-1] == self.vocab_size else logits
         return self.compute_language_model_loss(labels, logits)
 
+    def _vocab_slice(self, logits: torch.Tensor) -> tuple[int, int]:
+        """(first vocabulary id of this rank's logits, how many of its columns are real tokens)."""
+        local = logits.shape[-1]
+        start = 0 if local == self.vocab_size else get_pg_rank(self.pg_collection.tp) * local
+        return start, min(max(self.config.vocab_size - start, 0), local)
+
     def _mask_vocab_padding(self, logits: torch.Tensor) -> None:
         """Padding rows of the vocabulary (added so TP ranks hold equal slices) must not take
         probability mass: their logits become -inf, in place, so the loss matches the unpadded model."""
-        local = logits.shape[-1]
-        start = 0 if local == self.vocab_size else get_pg_rank(self.pg_collection.tp) * local
-        valid = min(max(self.config.vocab_size - start, 0), local)
-        if valid < local:
+        _, valid = self._vocab_slice(logits)
+        if valid < logits.shape[-1]:
             logits[..., valid:] = float("-inf")

@@ -11,12 +11,13 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 # Compiled kernels and autotune choices, shared by every process and run of this machine.
 export TRITON_CACHE_DIR=/tmp/triton_cache TRITON_CACHE_AUTOTUNING=1
 [ -d .corpus ] && export FALCON_H1_CACHE=$PWD/.corpus
-# A carried .triton_cache/ (an earlier machine's autotune choices, saved by `save_triton_cache OUT`)
-# spares the minutes that autotuning the Mamba kernels takes on a fresh machine; the chosen
-# configurations still compile.
+# A carried .triton_cache/ (an earlier machine's compiled kernels and autotune choices, saved by
+# `save_triton_cache OUT`) spares the minutes that autotuning and compiling the Mamba kernels take
+# on a fresh machine.
 [ -d .triton_cache ] && mkdir -p /tmp/triton_cache && cp -rn .triton_cache/. /tmp/triton_cache/ 2>/dev/null
-save_triton_cache() {
-  (cd /tmp/triton_cache && find . -name "*.autotune.json" | tar czf "$1/triton_autotune.tgz" -T -) && ls -la "$1/triton_autotune.tgz"
+save_triton_cache() {  # the compiled kernels too when they fit the carry limit, else the autotune choices
+  (cd /tmp/triton_cache && tar czf "$1/triton_autotune.tgz" . && [ "$(stat -c %s "$1/triton_autotune.tgz")" -lt 15000000 ] \
+    || find . -name "*.autotune.json" | tar czf "$1/triton_autotune.tgz" -T -) && ls -la "$1/triton_autotune.tgz"
 }
 python3 -c "import torch; print('device:', torch.cuda.get_device_name(), 'x', torch.cuda.device_count(), 'torch', torch.__version__)"
 date -u +"date: %Y-%m-%dT%H:%MZ"
