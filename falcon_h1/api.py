@@ -130,8 +130,8 @@ def bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_batc
     """Median training step (forward, backward, optimizer) of `preset` at each sequence length
     (default 4096 and 8192) and parallel layout: tokens/s, model TFLOP/s and MFU per GPU, peak
     memory; on one GPU also the component roofline and (compare=True) transformers' FalconH1 and a
-    same-size Megatron GPT. `recompute`: cores recomputed in backward, "core_attn" and/or
-    "ssd_scan"; `cuda_graphs`: replay each layer's forward and backward from CUDA graphs
+    same-size Megatron GPT. `recompute`: what backward recomputes, "core_attn" and/or
+    "ssd_scan", or "full" (whole layers); `cuda_graphs`: replay each layer's forward and backward from CUDA graphs
     (cuda_graph_impl="local", GPUs only); `profile`: print where one step's time goes. A table on
     stdout and the rows in `output` (falcon_h1/benchmarks/step.py). Multi-GPU layouts: add
     `run.executor=local run.executor.ntasks_per_node=N`."""

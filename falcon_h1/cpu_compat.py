@@ -67,6 +67,10 @@ def enable() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.current_stream = lambda *args, **kwargs: _HostStream()  # DDP's gradient reduction
     _CudaAllocationsOnCPU().__enter__()  # stays on for the life of the process
+    # Full-layer recompute (Megatron's CheckpointFunction) saves and restores the CUDA generator
+    # beside the CPU one it already keeps; there is none here.
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 class CPURNGStatesTracker(megatron_random.CudaRNGStatesTracker):

@@ -159,6 +159,41 @@ def test_recompute_of_the_ssd_scan_keeps_less_for_backward_and_changes_nothing(s
         assert (grads_r[name] - grad).abs().max() <= 1e-6, name
 
 
+def test_full_layer_recompute_keeps_only_layer_inputs_and_changes_nothing(single_rank):
+    """recompute_granularity="full" (one layer per checkpoint, what `--recompute full` sets): each
+    layer's forward runs again in backward, autograd keeps far less, the step is the same."""
+    from falcon_h1.benchmarks.step import recompute_overrides
+
+    def build(**recompute):
+        config = preset_config("tiny", num_layers=2, use_cpu_initialization=True, kernel_backend="torch",
+                               **recompute)
+        return FalconH1Model(config)
+
+    plain = build()
+    recomputed = build(**recompute_overrides(["full"]))
+    recomputed.load_state_dict(plain.state_dict())
+    tokens = torch.randint(1, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    calls = []
+    for layer in recomputed.decoder.layers:
+        layer.self_attention.register_forward_pre_hook(lambda *_: calls.append(1))
+    kept, loss, grads = _saved_bytes_and_grads(plain, tokens)
+    kept_r, loss_r, grads_r = _saved_bytes_and_grads(recomputed, tokens)
+    assert len(calls) == 4  # 2 layers: in forward, and again in backward
+    assert kept_r < kept / 2
+    assert torch.equal(loss_r, loss)
+    for name, grad in grads.items():
+        assert (grads_r[name] - grad).abs().max() <= 1e-6, name
+
+
+def test_full_layer_recompute_and_per_layer_cuda_graphs_are_refused_together():
+    from falcon_h1.benchmarks.step import recompute_overrides
+
+    with pytest.raises(ValueError, match="does not combine with per-layer CUDA graphs"):
+        preset_config("tiny", num_layers=2, cuda_graph_impl="local", **recompute_overrides(["full"]))
+    with pytest.raises(ValueError, match="takes no cores beside it"):
+        recompute_overrides(["full", "ssd_scan"])
+
+
 @pytest.mark.parametrize("cuda_graph_impl, survives", [("local", True), ("none", False)])
 def test_backward_survives_the_in_place_buffer_restore_of_cuda_graph_capture(single_rank, cuda_graph_impl, survives):
     """Megatron's per-layer CUDA-graph capture copies each layer's buffers back in place between

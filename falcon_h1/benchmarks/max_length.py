@@ -2,6 +2,7 @@
 
     python -m falcon_h1.benchmarks.max_length --preset 1.5b --start 8192 --max 131072
     python -m falcon_h1.benchmarks.max_length --preset 7b --recompute core_attn ssd_scan --start 16384
+    python -m falcon_h1.benchmarks.max_length --preset 1.5b --recompute full --start 32768
     python -m falcon_h1.benchmarks.max_length --preset 1.5b --nproc 4 --cp 4 --start 65536 --max 131072
 
 Each length runs the training-step benchmark (falcon_h1/benchmarks/step.py: the real training
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from falcon_h1.benchmarks.step import RECOMPUTE_CHOICES
 
 OUT_OF_MEMORY_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
@@ -66,8 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="1.5b", help="model shape (falcon_h1.model.presets), default 1.5b")
     parser.add_argument("--start", type=int, default=8192, help="first sequence length (default 8192)")
     parser.add_argument("--max", type=int, default=131072, help="stop after this length (default 131072)")
-    parser.add_argument("--recompute", nargs="+", choices=("core_attn", "ssd_scan"), default=[],
-                        help="recompute these cores in backward")
+    parser.add_argument("--recompute", nargs="+", choices=RECOMPUTE_CHOICES, default=[],
+                        help="recompute in backward: the attention and/or Mamba cores, or whole layers (full)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each layer from CUDA graphs (cuda_graph_impl=local; its pool changes the peak)")
     parser.add_argument("--nproc", type=int, default=1, help="processes (GPUs); > 1 runs under torchrun")

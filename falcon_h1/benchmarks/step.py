@@ -38,14 +38,24 @@ import torch.distributed as dist
 
 # Config overrides that leave the model's function and shape alone, so the peers still compare.
 SHAPE_NEUTRAL_OVERRIDES = {"kernel_backend", "recompute_granularity", "recompute_modules", "recompute_ssd_scan",
-                           "cuda_graph_impl"}
+                           "recompute_method", "recompute_num_layers", "cuda_graph_impl"}
+
+
+RECOMPUTE_CHOICES = ("core_attn", "ssd_scan", "full")
 
 
 def recompute_overrides(recompute: list[str]) -> dict:
-    """Config fields that recompute the named cores ("core_attn", "ssd_scan") in backward."""
-    unknown = set(recompute) - {"core_attn", "ssd_scan"}
+    """Config fields for what backward recomputes: the attention core ("core_attn") and/or the
+    Mamba core ("ssd_scan"), or every layer whole ("full": only each layer's input is kept,
+    Megatron's recompute_granularity="full", one layer per checkpoint)."""
+    unknown = set(recompute) - set(RECOMPUTE_CHOICES)
     if unknown:
-        raise ValueError(f"recompute: unknown cores {sorted(unknown)}; choose from core_attn, ssd_scan")
+        raise ValueError(f"recompute: unknown choices {sorted(unknown)}; choose from {', '.join(RECOMPUTE_CHOICES)}")
+    if "full" in recompute:
+        if len(set(recompute)) > 1:
+            raise ValueError(f"recompute: 'full' recomputes whole layers, so it takes no cores beside it "
+                             f"(got {recompute})")
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     overrides = {}
     if "core_attn" in recompute:
         overrides.update(recompute_granularity="selective", recompute_modules=["core_attn"])
@@ -305,8 +315,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compare", action="store_true",
                         help="only this project's step (default on 1 GPU: also transformers, a Megatron GPT and "
                              "the component roofline)")
-    parser.add_argument("--recompute", nargs="+", choices=("core_attn", "ssd_scan"), default=[],
-                        help="recompute these cores in backward (less activation memory, more compute)")
+    parser.add_argument("--recompute", nargs="+", choices=RECOMPUTE_CHOICES, default=[],
+                        help="recompute in backward (less activation memory, more compute): the attention "
+                             "and/or Mamba cores, or whole layers (full)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="capture each layer's forward and backward in CUDA graphs after the first step "
                              "(cuda_graph_impl=local)")

@@ -148,6 +148,10 @@ class FalconH1Config(TransformerConfig):
         if self.cuda_graph_impl not in ("none", "local"):
             fail(f"cuda_graph_impl={self.cuda_graph_impl!r}: the local spec supports 'none' or 'local' "
                  "(Megatron's per-layer CUDA graphs)")
+        if self.cuda_graph_impl == "local" and self.recompute_granularity == "full":
+            fail("full-layer recompute (recompute_granularity='full') does not combine with per-layer CUDA "
+                 "graphs (cuda_graph_impl='local') in Megatron; drop one of them, or recompute the cores "
+                 "instead (recompute_granularity='selective' with 'core_attn', recompute_ssd_scan=True)")
         if self.vocab_size < 1:
             fail(f"vocab_size={self.vocab_size} must be positive")
         if self.ffn_hidden_size is None:
