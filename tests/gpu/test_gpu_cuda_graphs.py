@@ -4,9 +4,10 @@ The tiny preset (4 layers) with the GPU kernels, bf16, sequence 512, global batc
 micro-batches (so each graph replays 4 times per step), 12 steps from the same initial weights
 and data. Graph replay runs the same kernels on the same inputs as eager execution, so the losses
 agree to rounding noise; a graph that replays stale inputs or drops a gradient shows as a loss
-off by far more than that from step 2 on. A run killed at step 8 resumes from its step-6
-checkpoint, captures its graphs again and must land on the eager run's losses; its validation
-(2 batches at the end) replays the training graphs without autograd.
+off by far more than that from step 2 on; the validation (2 batches at the end) replays the
+training graphs without autograd. A graphed run killed at step 8 resumes from its step-6
+checkpoint, captures its graphs again and must land on the eager run's losses (a separate test,
+so that each fits one device call).
 """
 
 import json
@@ -25,12 +26,20 @@ GRAPHS = ["--model", json.dumps({"cuda_graph_impl": "local"})]
 TOLERANCE = 2e-3  # rounding (atomic adds in the SSD backward) over 12 bf16 steps
 
 
-def test_cuda_graphs_train_like_eager_and_resume(tmp_path):
-    eager_out = launch(1, *COMMON, "--log-dir", str(tmp_path / "eager"), "--record", str(tmp_path / "eager_record"))
+@pytest.fixture(scope="module")
+def eager_run(tmp_path_factory):
+    """(per-step records, output) of the eager run both tests compare with."""
+    directory = tmp_path_factory.mktemp("eager")
+    out = launch(1, *COMMON, "--log-dir", str(directory / "logs"), "--record", str(directory / "record"))
+    return step_records(directory / "record"), out
+
+
+def test_cuda_graphs_train_like_eager(tmp_path, eager_run):
+    eager, eager_out = eager_run
     graphs_out = launch(1, *COMMON, *GRAPHS, "--log-dir", str(tmp_path / "graphs"),
                         "--record", str(tmp_path / "graphs_record"))
     assert "CUDA graphs: captured 4 of 4 layer runners" in graphs_out, graphs_out[-3000:]
-    eager, graphs = step_records(tmp_path / "eager_record"), step_records(tmp_path / "graphs_record")
+    graphs = step_records(tmp_path / "graphs_record")
     assert sorted(eager) == sorted(graphs) == list(range(1, 13))
     for step in eager:
         assert graphs[step]["loss"] == pytest.approx(eager[step]["loss"], abs=TOLERANCE), step
@@ -42,12 +51,18 @@ def test_cuda_graphs_train_like_eager_and_resume(tmp_path):
                                     "graphs": [round(graphs[s]["loss"], 4) for s in sorted(graphs)],
                                     "val_loss": val})
 
+
+def test_cuda_graphs_resume_from_a_checkpoint_like_eager(tmp_path, eager_run):
+    eager, _ = eager_run
     resumed_dir, resumed_record = tmp_path / "resumed", tmp_path / "resumed_record"
     launch(1, *COMMON, *GRAPHS, "--log-dir", str(resumed_dir), "--record", str(resumed_record),
            "--checkpoint-every", "6", "--kill-at-step", "8", expect_kill=True)
-    launch(1, *COMMON, *GRAPHS, "--log-dir", str(resumed_dir), "--record", str(resumed_record),
-           "--checkpoint-every", "6")
+    resumed_out = launch(1, *COMMON, *GRAPHS, "--log-dir", str(resumed_dir), "--record", str(resumed_record),
+                         "--checkpoint-every", "6")
+    assert "CUDA graphs: captured 4 of 4 layer runners" in resumed_out, resumed_out[-3000:]
     resumed = step_records(resumed_record)  # steps 1-8 from the killed run, then 7-12 again
     assert sorted(resumed) == list(range(1, 13))
     for step in range(7, 13):
         assert resumed[step]["loss"] == pytest.approx(eager[step]["loss"], abs=TOLERANCE), step
+    report("CUDA graphs, resumed at step 6", {"eager": [round(eager[s]["loss"], 4) for s in range(7, 13)],
+                                              "resumed": [round(resumed[s]["loss"], 4) for s in range(7, 13)]})
