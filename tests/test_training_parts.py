@@ -132,6 +132,34 @@ def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_r
         assert torch.allclose(got, want, atol=1e-6), (got, want)
 
 
+def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank):
+    """With check_for_nan_in_grad, each bucket's norm is taken before the data-parallel reduction
+    but checked (one host sync) only when the gradients are finalized, before the optimizer step;
+    the error names the bucket. Clean gradients pass, and nothing is left pending."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.training.grad_checks import DeferredGradCheck
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(check_for_nan_in_grad=True, bucket_size=0),
+                                  torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+    check = DeferredGradCheck([ddp])
+    for poisoned in (False, True):
+        ddp.zero_grad_buffer()
+        ddp(torch.randn(5, 4)).square().sum().backward()
+        if poisoned:
+            ddp.module[1].weight.main_grad[0, 0] = float("nan")
+        ddp.finish_grad_sync()  # Megatron's per-bucket check runs here: now deferred, no error yet
+        assert len(check.pending) == 1
+        if poisoned:
+            with pytest.raises(RuntimeError, match=r"NaN or Inf in this rank's gradients .*bucket 0: norm nan"):
+                check.verify()
+        else:
+            check.verify()
+        assert check.pending == []
+
+
 def test_checkpoint_directory_rules(tmp_path):
     for step in (5, 10, 15):
         weights = tmp_path / checkpoint_io.checkpoint_name(step) / checkpoint_io.WEIGHTS_DIR

@@ -30,6 +30,7 @@ from falcon_h1 import cpu_compat
 from falcon_h1.model.config import config_to_hf
 from falcon_h1.model.tensor_parallel import sync_replicated_grads, sync_replicated_params
 from falcon_h1.training import checkpoint_io
+from falcon_h1.training.grad_checks import DeferredGradCheck
 from falcon_h1.training.precision import MegatronMixedPrecision
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class MegatronStrategy(DDPStrategy):
             grad_reduce_in_fp32=self._megatron_precision().grad_reduce_in_fp32,
             overlap_grad_reduce=on_gpu, overlap_param_gather=False,
             use_distributed_optimizer=module.optimizer_config.use_distributed_optimizer,
-            check_for_nan_in_grad=on_gpu, bucket_size=None if on_gpu else 0)
+            check_for_nan_in_grad=True, bucket_size=None if on_gpu else 0)
         chunks = []
         for index, chunk in enumerate(module.chunks):
             if on_gpu:
@@ -231,7 +232,8 @@ class MegatronStrategy(DDPStrategy):
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         if ddp_config.overlap_grad_reduce:
             config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
-        config.finalize_model_grads_func = partial(_finalize_grads, module)
+        grad_check = DeferredGradCheck(chunks) if ddp_config.check_for_nan_in_grad else None
+        config.finalize_model_grads_func = partial(_finalize_grads, module, grad_check)
 
     def model_to_device(self) -> None:
         pass  # chunks are built on their device and wrapped in setup
@@ -365,10 +367,13 @@ def _allocate_optimizer_state(optimizer) -> None:
                 torch_optimizer.state[param].setdefault("step", torch.tensor(0.0))
 
 
-def _finalize_grads(module, model_chunks, num_tokens=None, **kwargs) -> None:
+def _finalize_grads(module, grad_check, model_chunks, num_tokens=None, **kwargs) -> None:
     """Megatron's gradient finalization (DP reduction, SP norm grads, tied embeddings, per-token
-    scaling), then the sum over TP replicas of the mixer's replicated rows."""
+    scaling), then the sum over TP replicas of the mixer's replicated rows, then the NaN/Inf check
+    of the local gradients (grad_checks.py), before the optimizer step."""
     finalize_model_grads(model_chunks, num_tokens, **kwargs)
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in module.unwrapped_chunks():
         sync_replicated_grads(chunk, group)
+    if grad_check is not None:
+        grad_check.verify()
