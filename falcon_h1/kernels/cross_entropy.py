@@ -32,11 +32,15 @@ BLOCK = 4096
 
 if triton is not None:
     @triton.jit
+    def _scaled(x, multiplier):
+        """z = round(x * multiplier) to x's dtype, as float32."""
+        return (x.to(tl.float32) * multiplier).to(x.dtype).to(tl.float32)
+
+    @triton.jit
     def _scaled_logits(logits_ptr, row_offset, cols, valid, multiplier):
         """z for one block of a row's columns; -inf on padding columns."""
         ok = cols < valid
-        x = tl.load(logits_ptr + row_offset + cols, mask=ok, other=0.0)
-        z = (x.to(tl.float32) * multiplier).to(x.dtype).to(tl.float32)
+        z = _scaled(tl.load(logits_ptr + row_offset + cols, mask=ok, other=0.0), multiplier)
         return tl.where(ok, z, float("-inf"))
 
     @triton.jit
@@ -59,8 +63,7 @@ if triton is not None:
         tl.store(sum_ptr + row, tl.sum(running_sum * lane_scale, axis=0))
         local = tl.load(labels_ptr + row) - vocab_start
         here = (local >= 0) & (local < valid)
-        x = tl.load(logits_ptr + offset + tl.where(here, local, 0))
-        z = (x.to(tl.float32) * multiplier).to(x.dtype).to(tl.float32)
+        z = _scaled(tl.load(logits_ptr + offset + tl.where(here, local, 0)), multiplier)
         tl.store(label_logit_ptr + row, tl.where(here, z, 0.0))
 
     @triton.jit

@@ -106,8 +106,10 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """RMSNorm over the last dimension: the Triton kernels on CUDA (backend "auto" or "gpu"), the
-    torch expression elsewhere or with backend="torch"."""
-    if backend != "torch" and x.is_cuda and triton is not None:
+    """RMSNorm over the last dimension: the Triton kernels or the torch expression, chosen by
+    `backend` as for the other kernels (falcon_h1.kernels)."""
+    from falcon_h1.kernels import _gpu_kernel
+
+    if _gpu_kernel(x, backend, "triton"):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_torch(x, weight, eps)

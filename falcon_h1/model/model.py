@@ -22,7 +22,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from falcon_h1.kernels.cross_entropy import triton, vocab_parallel_cross_entropy
+from falcon_h1.kernels import _gpu_kernel
+from falcon_h1.kernels.cross_entropy import vocab_parallel_cross_entropy
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.rotary import RotaryEmbedding
 from falcon_h1.model.specs import default_layer_spec
@@ -146,7 +147,7 @@ class FalconH1Model(LanguageModule):
 
         output_weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
-        if labels is not None and logits.is_cuda and self.config.kernel_backend != "torch" and triton is not None:
+        if labels is not None and _gpu_kernel(logits, self.config.kernel_backend, "triton"):
             # The multiplier, the padding and the loss in one pass each way (kernels/cross_entropy.py).
             start, valid = self._vocab_slice(logits)
             tp_group = None if logits.shape[-1] == self.vocab_size else self.pg_collection.tp
