@@ -132,6 +132,56 @@ def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_r
         assert torch.allclose(got, want, atol=1e-6), (got, want)
 
 
+def test_fused_adam_applies_the_per_token_and_clip_scaling_as_megatrons_passes_do(single_rank):
+    """FusedGradScale leaves the gradients summed over tokens at finalize and divides them by
+    tokens / clip factor inside torch's fused AdamW: the same weights, gradient norm and final
+    gradients as Megatron's 1/tokens and clip passes, with the clip active (steps 1-2) or not (3)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.training.grad_scale import FusedGradScale
+    from falcon_h1.training.optim import build_optimizer
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True,
+                                                                            bucket_size=0), module)
+        optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
+        assert FusedGradScale.applies_to(optimizer)
+        scaling = FusedGradScale(optimizer)
+        if fused:
+            with pytest.raises(RuntimeError, match="no token count was recorded"):
+                scaling.step()
+        norms, grads = [], []
+        for step, size in enumerate((30.0, 30.0, 0.01)):  # gradient sums over 7 tokens
+            generator = torch.Generator().manual_seed(step)
+            for param in module.parameters():
+                param.main_grad.copy_(torch.randn(param.shape, generator=generator) * size)
+            num_tokens = torch.tensor(7)
+            if fused:
+                finalize_model_grads([ddp], None)
+                scaling.record_tokens(num_tokens)
+                successful, norm, _ = scaling.step()
+            else:
+                finalize_model_grads([ddp], num_tokens)
+                successful, norm, _ = optimizer.step()
+            assert successful
+            norms.append(norm)
+            grads.append([p.main_grad.clone() for p in module.parameters()])
+        runs.append((norms, grads, [p.detach().clone() for p in module.parameters()]))
+    (norms, grads, weights), (fused_norms, fused_grads, fused_weights) = runs
+    assert norms[0] > 1.0 and norms[2] < 1.0  # clipped, then not
+    assert fused_norms == pytest.approx(norms, rel=1e-6)
+    for want, got in zip(weights, fused_weights):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for step_grads, fused_step_grads in zip(grads, fused_grads):
+        for want, got in zip(step_grads, fused_step_grads):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank):
     """With check_for_nan_in_grad, each bucket's norm is taken before the data-parallel reduction
     but checked (one host sync) only when the gradients are finalized, before the optimizer step;

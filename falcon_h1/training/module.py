@@ -23,6 +23,7 @@ from falcon_h1.model.lora import LoRA, apply_lora
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.training.grad_norm import count_replicated_rows_once
+from falcon_h1.training.grad_scale import FusedGradScale
 from falcon_h1.training.optim import LRSchedule, build_optimizer, build_scheduler, falcon_h1_optimizer_config
 
 # Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
@@ -40,8 +41,9 @@ class MegatronOptimizerAdapter:
     does the work.
     """
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, fused_grad_scale: FusedGradScale | None = None):
         self.megatron_optimizer = optimizer
+        self.fused_grad_scale = fused_grad_scale
         self.defaults: dict = {}
         self.last_grad_norm: float | None = None
 
@@ -56,7 +58,8 @@ class MegatronOptimizerAdapter:
     def step(self, closure=None):
         if closure is not None:
             closure()
-        successful, self.last_grad_norm, _ = self.megatron_optimizer.step()
+        step = self.fused_grad_scale.step if self.fused_grad_scale else self.megatron_optimizer.step
+        successful, self.last_grad_norm, _ = step()
         return successful
 
     def zero_grad(self, set_to_none: bool = True):
@@ -93,6 +96,7 @@ class FalconH1Module(pl.LightningModule):
         self.automatic_optimization = False
         self.chunks: torch.nn.ModuleList | None = None  # one per virtual pipeline stage
         self.scheduler = None
+        self.fused_grad_scale: FusedGradScale | None = None  # set with the optimizer
         self._cuda_graphs_reported = False
 
     # ---------------------------------------------------------------- model
@@ -150,7 +154,9 @@ class FalconH1Module(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config)
         count_replicated_rows_once(optimizer)
-        adapter = MegatronOptimizerAdapter(optimizer)
+        # Read by the strategy's gradient finalization, which then leaves the 1/tokens to the step.
+        self.fused_grad_scale = FusedGradScale(optimizer) if FusedGradScale.applies_to(optimizer) else None
+        adapter = MegatronOptimizerAdapter(optimizer, self.fused_grad_scale)
         # The schedule sets the LR in the adapter's (i.e. Megatron's) param groups; Lightning wants
         # it attached to the optimizer object it was given.
         self.scheduler = build_scheduler(adapter, self.optimizer_config, self.lr_schedule, self.trainer.max_steps)
