@@ -191,13 +191,13 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     """Rows for each sequence length (default 4096 and 8192); printed by rank 0, and written to
     `json_path` if given. With `compare` on one GPU (one process), each length also gets the
     transformers row and the pure-attention Megatron GPT row of the same shape and batch."""
-    from falcon_h1.benchmarks.gpt_step import bench_gpt_step
-    from falcon_h1.benchmarks.hf_step import bench_transformers_step
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
-
     gemm = measured_gemm_tflops()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # A finished fit (graphed or not) and the peers' models leave memory behind in their process (what
+    # still holds it is not found yet): 8192 tokens after 4096 ran out of memory (2026-11-28, H100).
+    # So on one GPU every row trains in a child process of its own, on the same GPU, one at a time.
+    in_children = torch.cuda.is_available() and "WORLD_SIZE" not in os.environ
     rows = []
     for seq_length in seq_lengths or [4096, 8192]:
         step_args = dict(preset=preset, seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -205,13 +205,7 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
                          pipeline_parallel=pipeline_parallel, context_parallel=context_parallel,
                          sequence_parallel=sequence_parallel, steps=steps, warmup=warmup, gemm_tflops=gemm,
                          profile=profile, **config_overrides)
-        if config_overrides.get("cuda_graph_impl") == "local" and compare and "WORLD_SIZE" not in os.environ:
-            # After a graphed fit its model and optimizer stay in memory (the graphs themselves are
-            # freed; what still holds the model is not found yet), so the peers would run out of
-            # memory: the graphed step trains in a child process, on the same GPU, before them.
-            ours = _training_step_in_child(step_args)
-        else:
-            ours = bench_training_step(**step_args)
+        ours = _row_in_child("falcon_h1", step_args) if in_children else bench_training_step(**step_args)
         rows.append(ours)
         _announce(ours)
         gc.collect()
@@ -229,18 +223,10 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
             _announce(ours, roofline=True)
         if not compare or ours["gpus"] > 1 or set(config_overrides) - SHAPE_NEUTRAL_OVERRIDES:
             continue
-        batch = ours["global_batch_size"]
-        if torch.cuda.is_available() and not dist.is_initialized():  # the step ran in a child process
-            # The peers' one-rank Megatron state needs a process group: NCCL, as the step's own run
-            # has (Megatron's DDP and optimizer on CUDA tensors do not run over gloo).
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=torch.device("cuda", torch.cuda.current_device()))
-        for bench in (bench_transformers_step, bench_gpt_step):
-            with single_process_megatron():
-                row = bench(preset, seq_length, batch, steps, warmup, gemm)
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # that stack's model and optimizer are gone
+        peer_args = dict(preset=preset, seq_length=seq_length, batch=ours["global_batch_size"], steps=steps,
+                         warmup=warmup, gemm=gemm)
+        for stack in ("transformers", "megatron_gpt"):
+            row = _row_in_child(stack, peer_args) if in_children else peer_row(stack, **peer_args)
             rows.append(dict(row, preset=preset, device=ours["device"], steps=steps, date=ours["date"],
                              gemm_tflops=gemm, layout=dict(tp=1, pp=1, cp=1, dp=1, sp=False), gpus=1))
             _announce(rows[-1])
@@ -252,11 +238,32 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     return rows
 
 
-def _training_step_in_child(step_args: dict) -> dict:
-    """bench_training_step(**step_args) in a fresh Python process; its row."""
+def peer_row(stack: str, preset: str, seq_length: int, batch: int, steps: int, warmup: int,
+             gemm: float | None) -> dict:
+    """The row of a peer stack ("transformers" or "megatron_gpt") at the same shape and batch."""
+    from falcon_h1.benchmarks.gpt_step import bench_gpt_step
+    from falcon_h1.benchmarks.hf_step import bench_transformers_step
+    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+
+    bench = {"transformers": bench_transformers_step, "megatron_gpt": bench_gpt_step}[stack]
+    if torch.cuda.is_available() and not dist.is_initialized():
+        # The one-rank Megatron state needs a process group: NCCL, as the project's step has
+        # (Megatron's DDP and optimizer on CUDA tensors do not run over gloo).
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=torch.device("cuda", torch.cuda.current_device()))
+    with single_process_megatron():
+        row = bench(preset, seq_length, batch, steps, warmup, gemm)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def _row_in_child(stack: str, kwargs: dict) -> dict:
+    """One row (this project's step, or a peer's) measured in a fresh Python process."""
     with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as directory:
         row_path = os.path.join(directory, "row.json")
-        subprocess.run([sys.executable, "-m", "falcon_h1.benchmarks.step", "--child-row", json.dumps(step_args),
+        subprocess.run([sys.executable, "-m", "falcon_h1.benchmarks.step", "--child-row", stack, json.dumps(kwargs),
                         row_path], check=True)
         with open(row_path) as f:
             return json.load(f)
@@ -324,12 +331,13 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile one step after warm-up and print its top kernels and ops (left out of the median)")
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--child-row", nargs=2, metavar=("STEP_ARGS_JSON", "ROW_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-row", nargs=3, metavar=("STACK", "ARGS_JSON", "ROW_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    if args.child_row:  # run_bench's child process: one row of this project's step
-        row = bench_training_step(**json.loads(args.child_row[0]))
-        with open(args.child_row[1], "w") as f:
+    if args.child_row:  # run_bench's child process: one row
+        stack, kwargs, row_path = args.child_row[0], json.loads(args.child_row[1]), args.child_row[2]
+        row = bench_training_step(**kwargs) if stack == "falcon_h1" else peer_row(stack, **kwargs)
+        with open(row_path, "w") as f:
             json.dump(row, f)
         return 0
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
