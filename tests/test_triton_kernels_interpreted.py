@@ -18,25 +18,29 @@ pytest.importorskip("triton")
 
 CONV = r"""
 import json, torch
-from falcon_h1.kernels.conv1d import causal_conv1d_torch
+from falcon_h1.kernels import causal_conv1d
 from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
 
 torch.manual_seed(0)
 results = []
-for batch, channels, length, width, with_bias in [(2, 70, 130, 4, True), (1, 64, 64, 4, False), (3, 5, 7, 3, True)]:
+for batch, channels, length, width, with_bias, packed in [(2, 70, 130, 4, True, False), (1, 64, 64, 4, False, False),
+                                                          (3, 5, 7, 3, True, False), (2, 70, 130, 4, True, True)]:
     proj = torch.randn(length, batch, channels + 9)
     x = proj[..., 2:2 + channels].permute(1, 2, 0)  # [b, channels, s], channels contiguous
     weight = torch.randn(channels, 1, width) * 0.5
     bias = torch.randn(channels) * 0.1 if with_bias else None
     grad = torch.randn(batch, length, channels).transpose(1, 2)
+    # Packed rows: documents of 1, 2, 61 and 66 tokens, then of 40 and 90 (starts inside and across tiles).
+    seq_idx = torch.tensor([[0] + [1] * 2 + [2] * 61 + [3] * 66, [5] * 40 + [6] * 90]) if packed else None
     outputs = []
-    for fn in (causal_conv1d_torch, causal_conv1d_triton):
+    for fn in (lambda *a: causal_conv1d(*a, seq_idx=seq_idx, backend="torch"),
+               lambda *a: causal_conv1d_triton(*a, seq_idx=seq_idx)):
         leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
         y = fn(*leaves)
         y.backward(grad)
         outputs.append([y] + [t.grad for t in leaves if t is not None])
     errors = [((b - a).norm() / a.norm()).item() for a, b in zip(*outputs)]
-    results.append(dict(shape=[batch, channels, length, width], bias=with_bias, errors=errors,
+    results.append(dict(shape=[batch, channels, length, width], bias=with_bias, packed=packed, errors=errors,
                         channels_last=outputs[1][0].stride(1) == 1))
 print("RESULTS", json.dumps(results))
 """
@@ -170,10 +174,11 @@ def test_fused_cross_entropy_matches_torch_in_the_interpreter():
 
 
 def test_conv1d_silu_kernels_match_torch_in_the_interpreter():
-    """Shapes cross the 64 x 64 tiles and leave partial ones; the input is the mixer's strided
-    channels-last view of an in-projection output; with and without bias; widths 4 and 3."""
+    """Shapes cross the tiles and leave partial ones; the input is the mixer's strided
+    channels-last view of an in-projection output; with and without bias; widths 4 and 3; packed
+    documents (seq_idx) against the torch path that convolves each document alone."""
     results = interpreted(CONV)
-    assert len(results) == 3
+    assert len(results) == 4
     for case in results:
         assert case["channels_last"], case
         assert max(case["errors"]) < 1e-5, case  # y, dx, dweight (, dbias)

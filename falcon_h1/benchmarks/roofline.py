@@ -40,7 +40,7 @@ def kernel_ms(fn, repeats: int = 20) -> float:
 
 def _best_forward_backward_ms(rows: list[dict]) -> tuple[float, str]:
     def ms(row):
-        return row["forward_backward_graphed_ms"] or row["forward_backward_ms"]
+        return row["forward_backward_graphed_ms"] or row["forward_backward_kernels_ms"]
     best = min(rows, key=ms)
     return ms(best), best["implementation"]
 

@@ -57,3 +57,20 @@ def graphed_median_ms(fn, repeats: int = 20, warmup: int = 5) -> float | None:
         torch.cuda.synchronize()
         return None
     return cuda_median_ms(graph.replay, repeats, warmup=2)
+
+
+def profiled_kernel_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
+    """Median over calls of the summed durations of the GPU kernels one `fn()` runs (torch
+    profiler): its GPU time without launch gaps, for work that a CUDA graph cannot capture."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    per_call = []
+    for _ in range(repeats):
+        with torch.profiler.profile(activities=activities) as profile:
+            fn()
+            torch.cuda.synchronize()
+        per_call.append(sum(e.self_device_time_total for e in profile.key_averages()
+                            if e.device_type == torch.autograd.DeviceType.CUDA))
+    return statistics.median(per_call) / 1e3

@@ -1,7 +1,8 @@
 """The mixer's non-GEMM kernels behind one dispatch.
 
 backend="auto": on CUDA tensors, mamba_ssm's Triton kernels (SSD scan, gated RMSNorm) and the
-causal-conv1d package's CUDA kernel when they are installed; otherwise the pure-torch versions.
+causal-conv1d package's CUDA kernel (or, without it, the project's Triton conv) when they are
+installed; otherwise the pure-torch versions.
 backend="torch": always the pure-torch versions (the CPU path, and the oracle for the GPU tests).
 backend="gpu": the GPU kernels, failing loudly if they are missing.
 """
@@ -14,6 +15,7 @@ import importlib
 import torch
 
 from falcon_h1.kernels.conv1d import causal_conv1d_cuda, causal_conv1d_torch
+from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
 from falcon_h1.kernels.gated_norm import gated_rms_norm_torch, gated_rms_norm_triton
 from falcon_h1.kernels.ssd import discretize_dt, ssd_scan_torch
 
@@ -72,9 +74,13 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D, dt_bias, dt_limit, initial_state=
 
 def causal_conv1d(x, weight, bias, *, seq_idx=None, backend="auto"):
     """Causal depthwise conv1d + SiLU over x [b, d, l] with weight [d, 1, k]. seq_idx [b, l]:
-    document of each token of packed rows; no output sees inputs of an earlier document."""
-    if _gpu_kernel(x, backend, "causal_conv1d"):
-        return causal_conv1d_cuda(x, weight, bias, seq_idx=seq_idx)
+    document of each token of packed rows; no output sees inputs of an earlier document.
+    On the GPU: the causal-conv1d package's CUDA kernel (2.9x faster than the project's Triton
+    kernel on an H100, 1.5B shape, 8192 tokens), else the Triton kernel (4x faster than torch's)."""
+    if _gpu_kernel(x, backend, "triton"):
+        if _importable("causal_conv1d"):
+            return causal_conv1d_cuda(x, weight, bias, seq_idx=seq_idx)
+        return causal_conv1d_triton(x, weight, bias, seq_idx)
     if seq_idx is None:
         return causal_conv1d_torch(x, weight, bias)
     rows = []

@@ -71,8 +71,9 @@ def test_causal_conv1d_cuda_matches_torch(dtype):
         assert relative_error(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_causal_conv1d_matches_torch_on_the_mixers_channels_last_input(dtype):
+def test_triton_causal_conv1d_matches_torch_on_the_mixers_channels_last_input(dtype, packed):
     from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
 
     # The mixer's input: a [b, channels, s] view of the in-projection output [s, b, rows].
@@ -80,8 +81,10 @@ def test_triton_causal_conv1d_matches_torch_on_the_mixers_channels_last_input(dt
     x = proj[..., 30:670].permute(1, 2, 0).detach().requires_grad_(True)
     w = torch.randn(640, 1, 4, device="cuda", dtype=dtype, requires_grad=True)
     bias = torch.randn(640, device="cuda", dtype=dtype, requires_grad=True)
-    y_gpu, g_gpu = _grads(lambda: causal_conv1d_triton(x, w, bias), [x, w, bias])
-    y_ref, g_ref = _grads(lambda: causal_conv1d(x, w, bias, backend="torch"), [x, w, bias])
+    # Packed rows: documents of 3, 300 and 474 tokens; of 777.
+    seq_idx = torch.tensor([[0] * 3 + [1] * 300 + [2] * 474, [4] * 777], device="cuda") if packed else None
+    y_gpu, g_gpu = _grads(lambda: causal_conv1d_triton(x, w, bias, seq_idx), [x, w, bias])
+    y_ref, g_ref = _grads(lambda: causal_conv1d(x, w, bias, seq_idx=seq_idx, backend="torch"), [x, w, bias])
     assert relative_error(y_gpu, y_ref) < TOL[dtype] / 10
     for got, want in zip(g_gpu, g_ref):
         assert relative_error(got, want) < TOL[dtype]
