@@ -22,7 +22,8 @@ if [ "$WHAT" = step ] || [ "$WHAT" = all ]; then
 fi
 if [ "$WHAT" = memory ] || [ "$WHAT" = all ]; then
   # 2026-11-28, H100: 1.5B at 32768 ran out of memory with graphs, and with core_attn + ssd_scan
-  # recompute; whole-layer recompute keeps only each layer's input.
+  # recompute; with whole-layer recompute (only each layer's input kept) it trained at 32768 and
+  # 65536 (33.8 and 41.3 GiB).
   python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --start 16384 --max 65536 --cuda-graphs \
     --json "$OUT/max_length_1.5b_graphs.json" 2>&1 | grep "tokens:\|largest"
   python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --recompute full --start 32768 --max 131072 \
