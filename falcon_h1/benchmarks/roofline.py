@@ -9,7 +9,8 @@ cuda_graph_impl="local" also avoids):
              the forward GEMM and the two backward GEMMs (input and weight gradients), cuBLAS;
 - attention: causal GQA attention, the fastest of torch's SDPA backends;
 - ssd_scan:  the fastest SSD implementation of benchmarks/kernels.py;
-- conv1d:    causal conv1d + SiLU, the fastest of benchmarks/kernels.py;
+- conv1d:    causal conv1d + SiLU, the fastest of benchmarks/kernels.py (these two by the summed
+             durations of their kernels where a graph cannot capture them);
 - norms:     the two RMSNorms of each layer and the final one (torch's or the project's Triton
              kernel, the faster), and the Mamba gated RMSNorm;
 - loss:      cross-entropy over the vocabulary, forward and backward (torch's on float32 logits or
