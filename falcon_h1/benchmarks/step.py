@@ -97,6 +97,7 @@ class StepProfiler(pl.Callback):
 
     def __init__(self, step: int):
         self.step, self.profiler = step, None
+        self.summary: dict | None = None  # wall, GPU kernel and NCCL kernel ms of the profiled step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
@@ -115,7 +116,12 @@ class StepProfiler(pl.Callback):
         events = self.profiler.key_averages()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
-        print(f"profiled step {self.step}: wall {wall_ms:.1f} ms, GPU kernels {busy_ms:.1f} ms")
+        # Communication kernels (data-, tensor-, context- and pipeline-parallel collectives and sends):
+        # with the layout's message sizes, they give the bandwidth a larger layout would see.
+        nccl_ms = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e3
+        self.summary = dict(wall_ms=wall_ms, gpu_kernels_ms=busy_ms, nccl_kernels_ms=nccl_ms)
+        print(f"profiled step {self.step}: wall {wall_ms:.1f} ms, GPU kernels {busy_ms:.1f} ms "
+              f"(communication kernels {nccl_ms:.1f} ms)")
         for title, rows in (
                 ("kernels by GPU time", sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in kernels),
                                                reverse=True)[:25]),
@@ -165,7 +171,8 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
                                 LRSchedule(warmup_steps=1, decay_style="constant"))
         pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
     # The profiled step, and the next one (which the profiler's report delays), are left out.
-    profiled = (warmup + 1, warmup + 2) if len(callbacks) > 1 else ()
+    profiler = callbacks[1] if len(callbacks) > 1 else None
+    profiled = (warmup + 1, warmup + 2) if profiler else ()
     measured = [t for i, t in enumerate(recorder.step_times) if i >= warmup and i not in profiled]
     step_time = statistics.median(measured)
     tokens = global_batch * seq_length
@@ -180,6 +187,7 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
         tokens_per_sec_per_gpu=tokens / step_time / world, model_tflops_per_gpu=tflops,
         gemm_tflops=gemm_tflops, mfu=tflops / gemm_tflops if gemm_tflops else None,
         peak_memory_gib=recorder.peak_gib if on_gpu else None,
+        profiled_step=profiler.summary if profiler else None,
         date=time.strftime("%Y-%m-%d"))
 
 

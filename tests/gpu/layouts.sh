@@ -3,7 +3,8 @@
 # (issue 8: the 8-GPU record, projected from these until an 8-GPU machine is lent).
 # Each layout runs the training-step benchmark under torchrun (4 processes, micro-batch 1, 4
 # micro-batches per step and DP rank, CUDA graphs; without graphs when the graphed run fails) and
-# appends its row to OUT/layouts_<preset>.jsonl.
+# appends its row to OUT/layouts_<preset>.jsonl. One step is profiled (and left out of the median):
+# its row's `profiled_step` gives the communication kernels' time, for the 8-GPU projection.
 # Usage (repo root, .whl carried): bash tests/gpu/layouts.sh OUT_DIR [1.5b|7b|7b_32k]
 set -uo pipefail
 OUT=${1:-/tmp/out}; WHAT=${2:-1.5b}
@@ -18,7 +19,7 @@ run_layout() {  # preset seq micro_batches "layout flags" [extra flags]
     rm -f "$row"
     # shellcheck disable=SC2086
     timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node 4 -m falcon_h1.benchmarks.step \
-      --preset "$preset" --seq-lengths "$seq" --micro-batches "$micro" --steps 4 --warmup 2 --no-compare \
+      --preset "$preset" --seq-lengths "$seq" --micro-batches "$micro" --steps 5 --warmup 2 --no-compare --profile \
       $layout $extra $graphs --json "$row" > "$log" 2>&1
     if [ -s "$row" ]; then
       python3 -c "import json,sys; [print(json.dumps(dict(r, cuda_graphs=bool(sys.argv[1])))) for r in json.load(open('$row'))]" \
