@@ -4,7 +4,9 @@
 # Each layout runs the training-step benchmark under torchrun (4 processes, micro-batch 1, 4
 # micro-batches per step and DP rank, CUDA graphs; without graphs when the graphed run fails) and
 # appends its row to OUT/layouts_<preset>.jsonl. One step is profiled (and left out of the median):
-# its row's `profiled_step` gives the communication kernels' time, for the 8-GPU projection.
+# its row's `profiled_step` gives the communication kernels' time, for the 8-GPU projection:
+#   python -m falcon_h1.benchmarks.scale_projection OUT/layouts_1.5b.jsonl --gpus 8
+#   python -m falcon_h1.benchmarks.scale_projection OUT/layouts_7b.jsonl --bandwidth-rows OUT/layouts_1.5b.jsonl
 # Usage (repo root, .whl carried): bash tests/gpu/layouts.sh OUT_DIR [1.5b|7b|7b_32k]
 set -uo pipefail
 OUT=${1:-/tmp/out}; WHAT=${2:-1.5b}
