@@ -12,8 +12,9 @@ uses), so both factors ride on that load:
   scales with its argument), and sets the clip factor as Megatron computes it;
 - grad_scale = tokens / clip factor, one scalar for every parameter.
 
-The fused kernel writes the divided gradient back, so after the step the gradients are exactly
-what Megatron's passes would have left.
+The fused kernel writes the divided gradient back, so after the step the gradients are what
+Megatron's passes would have left, up to rounding (tests/test_training_parts.py checks this on the
+CPU's fused kernel).
 """
 
 from __future__ import annotations
