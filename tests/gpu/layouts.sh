@@ -7,7 +7,9 @@
 # its row's `profiled_step` gives the communication kernels' time, for the 8-GPU projection:
 #   python -m falcon_h1.benchmarks.scale_projection OUT/layouts_1.5b.jsonl --gpus 8
 #   python -m falcon_h1.benchmarks.scale_projection OUT/layouts_7b.jsonl --bandwidth-rows OUT/layouts_1.5b.jsonl
-# Usage (repo root, .whl carried): bash tests/gpu/layouts.sh OUT_DIR [1.5b|7b|7b_32k]
+# Usage (repo root, .whl carried): bash tests/gpu/layouts.sh OUT_DIR [1.5b|7b|7b_32k|cp128k]
+#   cp128k: issue 7's 128k-token sequence of the 1.5B over 4 GPUs with CP=4 (32k tokens per GPU,
+#   which needs whole-layer recompute on one H100).
 set -uo pipefail
 OUT=${1:-/tmp/out}; WHAT=${2:-1.5b}
 mkdir -p "$OUT"
@@ -47,4 +49,8 @@ fi
 if [ "$WHAT" = 7b_32k ]; then
   run_layout 7b 32768 2 "--tp 2 --sp --cp 2" "--recompute core_attn ssd_scan"
   run_layout 7b 32768 2 "--tp 2 --sp --cp 2" "--recompute full"
+fi
+if [ "$WHAT" = cp128k ]; then
+  python3 -m falcon_h1.benchmarks.max_length --preset 1.5b --nproc 4 --cp 4 --recompute full --start 131072 \
+    --max 131072 --json "$OUT/max_length_1.5b_cp4.json" 2>&1 | grep -a "tokens:\|largest"
 fi
