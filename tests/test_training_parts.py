@@ -182,6 +182,36 @@ def test_fused_adam_applies_the_per_token_and_clip_scaling_as_megatrons_passes_d
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
 
+def test_with_the_fused_scaling_a_nan_gradient_stops_the_step_after_the_norm_before_any_update(single_rank):
+    """Finalizing hands the pending NaN/Inf check to FusedGradScale, which reads it after the
+    gradient norm's host sync: the step raises, naming the bucket, and no weight changes."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.training.grad_checks import DeferredGradCheck
+    from falcon_h1.training.grad_scale import FusedGradScale
+    from falcon_h1.training.optim import build_optimizer
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, check_for_nan_in_grad=True, bucket_size=0), module)
+    check = DeferredGradCheck([ddp])
+    optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
+    scaling = FusedGradScale(optimizer)
+    before = [p.detach().clone() for p in module.parameters()]
+    ddp.zero_grad_buffer()
+    ddp(torch.randn(5, 4)).square().sum().backward()
+    module[1].weight.main_grad[0, 0] = float("inf")
+    finalize_model_grads([ddp], None)  # the per-bucket check is deferred here
+    scaling.record_tokens(torch.tensor(5), check)
+    with pytest.raises(RuntimeError, match=r"NaN or Inf in this rank's gradients .*bucket 0: norm inf"):
+        scaling.step()
+    for want, got in zip(before, module.parameters()):
+        assert torch.equal(got, want)
+    assert check.pending == [] and scaling.grad_check is None
+
+
 def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank):
     """With check_for_nan_in_grad, each bucket's norm is taken before the data-parallel reduction
     but checked (one host sync) only when the gradients are finalized, before the optimizer step;

@@ -37,6 +37,7 @@ class FusedGradScale:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.num_tokens: torch.Tensor | None = None
+        self.grad_check = None  # the NaN/Inf check finalize left pending (grad_checks.DeferredGradCheck)
         self._grad_scale: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
@@ -53,10 +54,13 @@ class FusedGradScale:
                 return False
         return True
 
-    def record_tokens(self, num_tokens: torch.Tensor) -> None:
+    def record_tokens(self, num_tokens: torch.Tensor, grad_check=None) -> None:
         """The global count of loss tokens: this rank's count, made the sum over data-parallel and
         context-parallel ranks (the last pipeline stage has it; the others receive it), as
-        Megatron's finalize_model_grads does before it would divide the gradients by it."""
+        Megatron's finalize_model_grads does before it would divide the gradients by it.
+        `grad_check`'s NaN/Inf verdict is read in `step`, after the gradient norm's host sync, so
+        that finalizing makes none: the CPU prepares the step while the GPU ends the backward."""
+        self.grad_check = grad_check
         if dist.is_initialized():
             pp_group = parallel_state.get_pipeline_model_parallel_group()
             last_stage = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
@@ -72,11 +76,16 @@ class FusedGradScale:
         if self.num_tokens is None:
             raise RuntimeError("FusedGradScale.step: no token count was recorded when the gradients were "
                                "finalized; the gradients would be applied as sums over tokens")
-        tokens = max(float(self.num_tokens.item()), 1.0)
-        self.num_tokens = None
-        if optimizer.prepare_grads():  # fp16 loss scaling found an overflow: skip, as Megatron does
+        num_tokens, self.num_tokens = self.num_tokens, None
+        grad_check, self.grad_check = self.grad_check, None
+        overflow = optimizer.prepare_grads()  # fp16 loss scaling found an Inf or NaN
+        raw_norm = None if overflow else optimizer.get_grad_norm()  # the step's host sync
+        if grad_check is not None:
+            grad_check.verify()  # raises on a NaN or Inf gradient, before any weight changes
+        if overflow:  # skip the step, as Megatron does
             return False, None, None
-        grad_norm = optimizer.get_grad_norm() / tokens
+        tokens = max(float(num_tokens.item()), 1.0)
+        grad_norm = raw_norm / tokens
         clip_grad = optimizer.config.clip_grad
         clip = min(1.0, clip_grad / (grad_norm + 1.0e-6)) if clip_grad > 0.0 else 1.0
         for inner in _inner_optimizers(optimizer):

@@ -371,14 +371,14 @@ def _finalize_grads(module, grad_check, model_chunks, num_tokens=None, **kwargs)
     """Megatron's gradient finalization (DP reduction, SP norm grads, tied embeddings, per-token
     scaling), then the sum over TP replicas of the mixer's replicated rows, then the NaN/Inf check
     of the local gradients (grad_checks.py), before the optimizer step. With the fused Adam taking
-    the per-token scaling (grad_scale.py), only the token count is reduced here."""
-    if module.fused_grad_scale is not None and num_tokens is not None:
-        finalize_model_grads(model_chunks, None, **kwargs)
-        module.fused_grad_scale.record_tokens(num_tokens)
-    else:
-        finalize_model_grads(model_chunks, num_tokens, **kwargs)
+    the per-token scaling (grad_scale.py), only the token count is reduced here, and the NaN/Inf
+    check is read by its step."""
+    fused = module.fused_grad_scale is not None and num_tokens is not None
+    finalize_model_grads(model_chunks, None if fused else num_tokens, **kwargs)
     group = parallel_state.get_tensor_model_parallel_group()
     for chunk in module.unwrapped_chunks():
         sync_replicated_grads(chunk, group)
-    if grad_check is not None:
+    if fused:
+        module.fused_grad_scale.record_tokens(num_tokens, grad_check)
+    elif grad_check is not None:
         grad_check.verify()
