@@ -238,6 +238,8 @@ def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank)
         else:
             check.verify()
         assert check.pending == []
+    check.remove()
+    assert "check_grads" not in vars(ddp.bucket_groups[0])  # Megatron's own method again
 
 
 def test_checkpoint_directory_rules(tmp_path):
@@ -301,3 +303,49 @@ def test_validation_reads_limit_val_batches_global_batches(tmp_path):
     assert sanity == [4, 4, 4]  # 3 global batches of 4 micro-batches before the first step
     assert train == [4, 4, 4, 4]
     assert validation == [4] * 6  # after steps 2 and 4
+
+
+AFTER_FIT = r'''
+import gc, sys, weakref, warnings; warnings.filterwarnings("ignore")
+import torch
+from falcon_h1.data.pretraining import MockDataModule
+from falcon_h1.model.presets import preset_config
+from falcon_h1.training.checkpoint import AutoResume
+from falcon_h1.training.module import FalconH1Module
+from falcon_h1.training.pretrain import build_trainer, pretrain
+
+if __name__ == "__main__":
+    module = FalconH1Module(preset_config("tiny", num_layers=2, kernel_backend="torch"))
+    data = MockDataModule(4096, seq_length=16, micro_batch_size=2, global_batch_size=4)
+    trainer = build_trainer(sys.argv[1], max_steps=2, limit_val_batches=0, checkpoint_every_n_steps=None,
+                            save_last=False)
+    pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
+    with torch.no_grad():
+        logits = module(torch.randint(0, 4096, (1, 16)))
+    print("FORWARD", tuple(logits.shape))
+    alive = [weakref.ref(module), weakref.ref(module.unwrapped_chunks()[0]),
+             weakref.ref(next(module.parameters()))]
+    del module, trainer, data
+    gc.collect()
+    print("ALIVE", [ref() is not None for ref in alive])
+'''
+
+
+def test_a_finished_fit_still_runs_forward_and_frees_the_model_once_dropped(tmp_path):
+    """After fit the module still runs forward (notebooks); once the user drops it, nothing keeps the
+    model, its gradient buffers or its parameters alive (the strategy's teardown releases Megatron
+    DDP's gradient hooks, the config's functions bound to the module and the NaN check's patches)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "after_fit.py"
+    script.write_text(AFTER_FIT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in proc.stdout.splitlines()
+             if line.startswith(("FORWARD ", "ALIVE "))}
+    assert "ALIVE" in lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines["FORWARD"].startswith("(1, 16, ")
+    assert lines["ALIVE"] == "[False, False, False]"  # the module, its FalconH1Model, a parameter

@@ -202,9 +202,10 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
     gemm = measured_gemm_tflops()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    # A finished fit (graphed or not) and the peers' models leave memory behind in their process (what
-    # still holds it is not found yet): 8192 tokens after 4096 ran out of memory (2026-11-28, H100).
-    # So on one GPU every row trains in a child process of its own, on the same GPU, one at a time.
+    # Finished fits and the peers' models left memory behind in their process: 8192 tokens after 4096
+    # ran out of memory (2026-11-28, H100). The strategy now releases its training hooks at teardown
+    # (checked on the CPU, not yet after a graphed GPU fit), and the peers are not checked, so on one
+    # GPU every row still trains in a child process of its own, on the same GPU, one at a time.
     in_children = torch.cuda.is_available() and "WORLD_SIZE" not in os.environ
     rows = []
     for seq_length in seq_lengths or [4096, 8192]:

@@ -20,12 +20,20 @@ class DeferredGradCheck:
 
     def __init__(self, ddp_chunks):
         self.pending: list[tuple[list[str], torch.Tensor]] = []  # (bucket names, their norms)
+        self.groups = []
         for chunk_index, chunk in enumerate(ddp_chunks):
             groups = list(chunk.bucket_groups) + list(chunk.expert_parallel_bucket_groups)
+            self.groups += groups
             for group_index, group in enumerate(groups):
                 names = [f"model chunk {chunk_index}, bucket group {group_index}, bucket {i}"
                          for i in range(len(group.buckets))]
                 group.check_grads = self._deferred(group, names, group.check_grads)
+
+    def remove(self) -> None:
+        """Give the bucket groups back Megatron's own check."""
+        for group in self.groups:
+            group.__dict__.pop("check_grads", None)
+        self.groups, self.pending = [], []
 
     def _deferred(self, group, names, megatron_check):
         def check_grads(check_for_nan_or_inf, check_for_large):

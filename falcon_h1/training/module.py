@@ -132,8 +132,8 @@ class FalconH1Module(pl.LightningModule):
         if stage == "fit" and self.config.cuda_graph_impl == "local":
             # The layers hold their runners (graphs, static buffers) and Megatron keeps the record
             # and pool in globals; dropping them lets a later fit in this process record its own,
-            # and evaluation after this one runs eagerly. (The model and part of the pool still
-            # stay in memory afterwards; what holds them is not found yet: docs/architecture.md.)
+            # and evaluation after this one runs eagerly. (The strategy's teardown releases the
+            # training hooks that kept a dropped model alive: docs/architecture.md.)
             from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
 
             for module in self.chunks.modules():

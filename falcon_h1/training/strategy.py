@@ -75,6 +75,7 @@ class MegatronStrategy(DDPStrategy):
         self.restore_weights_from = restore_weights_from
         self.seed = seed
         self._async_queue = None
+        self._grad_check: DeferredGradCheck | None = None
 
     # ---------------------------------------------------------------- Lightning plumbing
 
@@ -233,6 +234,7 @@ class MegatronStrategy(DDPStrategy):
         if ddp_config.overlap_grad_reduce:
             config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
         grad_check = DeferredGradCheck(chunks) if ddp_config.check_for_nan_in_grad else None
+        self._grad_check = grad_check
         config.finalize_model_grads_func = partial(_finalize_grads, module, grad_check)
 
     def model_to_device(self) -> None:
@@ -242,8 +244,27 @@ class MegatronStrategy(DDPStrategy):
         self.finalize_pending_saves(blocking=True)
         # Keep the model where it is (Lightning's default moves it to CPU, which would detach
         # Megatron DDP's gradient buffers) so it can be used after fit, e.g. in a notebook.
+        self._release_training_hooks()
         if self.cluster_environment is not None:
             self.cluster_environment.teardown()
+
+    def _release_training_hooks(self) -> None:
+        """Megatron's DDP keeps its gradient hooks in autograd's C++ nodes (grad_accs), the config
+        holds functions bound to the module, and the NaN check patches DDP's bucket groups: cycles
+        the garbage collector did not break, so a finished run's model, gradient buffers and
+        optimizer stayed in memory after the last reference to the module was dropped. The run
+        is over (the model still runs forward): drop them."""
+        module = self.lightning_module
+        if module is None or module.chunks is None:
+            return
+        for hook in ("finalize_model_grads_func", "no_sync_func", "grad_sync_func"):
+            setattr(module.config, hook, None)
+        for chunk in module.chunks:
+            if isinstance(chunk, DistributedDataParallel):
+                chunk.grad_accs.clear()
+        if self._grad_check is not None:
+            self._grad_check.remove()
+            self._grad_check = None
 
     # ---------------------------------------------------------------- checkpoints
 
