@@ -35,6 +35,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from falcon_h1.benchmarks.timing import cuda_kernel_ms
+
 
 # Config overrides that leave the model's function and shape alone, so the peers still compare.
 SHAPE_NEUTRAL_OVERRIDES = {"kernel_backend", "recompute_granularity", "recompute_modules", "recompute_ssd_scan",
@@ -115,10 +117,10 @@ class StepProfiler(pl.Callback):
         self.profiler.__exit__(None, None, None)
         events = self.profiler.key_averages()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+        busy_ms = cuda_kernel_ms(events)
         # Communication kernels (data-, tensor-, context- and pipeline-parallel collectives and sends):
         # with the layout's message sizes, they give the bandwidth a larger layout would see.
-        nccl_ms = sum(e.self_device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e3
+        nccl_ms = cuda_kernel_ms(events, "nccl")
         self.summary = dict(wall_ms=wall_ms, gpu_kernels_ms=busy_ms, nccl_kernels_ms=nccl_ms)
         print(f"profiled step {self.step}: wall {wall_ms:.1f} ms, GPU kernels {busy_ms:.1f} ms "
               f"(communication kernels {nccl_ms:.1f} ms)")
@@ -157,7 +159,8 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
                                 pipeline_model_parallel_size=pipeline_parallel,
                                 context_parallel_size=context_parallel, sequence_parallel=sequence_parallel)
     recorder = StepRecorder()
-    callbacks = [recorder] + ([StepProfiler(warmup + 1)] if profile and torch.cuda.is_available() else [])
+    profiler = StepProfiler(warmup + 1) if profile and torch.cuda.is_available() else None
+    callbacks = [recorder] + ([profiler] if profiler else [])
     with tempfile.TemporaryDirectory(prefix="falcon_h1_bench_") as log_dir:
         trainer = build_trainer(log_dir, max_steps=warmup + steps, strategy=strategy, val_check_interval=10 ** 9,
                                 limit_val_batches=0, log_every_n_steps=max(1, warmup + steps),
@@ -171,7 +174,6 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
                                 LRSchedule(warmup_steps=1, decay_style="constant"))
         pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
     # The profiled step, and the next one (which the profiler's report delays), are left out.
-    profiler = callbacks[1] if len(callbacks) > 1 else None
     profiled = (warmup + 1, warmup + 2) if profiler else ()
     measured = [t for i, t in enumerate(recorder.step_times) if i >= warmup and i not in profiled]
     step_time = statistics.median(measured)

@@ -71,6 +71,12 @@ def profiled_kernel_ms(fn, repeats: int = 10, warmup: int = 3) -> float:
         with torch.profiler.profile(activities=activities) as profile:
             fn()
             torch.cuda.synchronize()
-        per_call.append(sum(e.self_device_time_total for e in profile.key_averages()
-                            if e.device_type == torch.autograd.DeviceType.CUDA))
-    return statistics.median(per_call) / 1e3
+        per_call.append(cuda_kernel_ms(profile.key_averages()))
+    return statistics.median(per_call)
+
+
+def cuda_kernel_ms(events, name_contains: str = "") -> float:
+    """Summed GPU time (ms) of a torch profile's kernels (key_averages()), optionally only those
+    whose name contains `name_contains` (case-insensitive)."""
+    return sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+               and name_contains in e.key.lower()) / 1e3
