@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from falcon_h1.kernels import _gpu_kernel
+
 try:
     import triton
     import triton.language as tl
@@ -108,8 +110,6 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dimension: the Triton kernels or the torch expression, chosen by
     `backend` as for the other kernels (falcon_h1.kernels)."""
-    from falcon_h1.kernels import _gpu_kernel
-
     if _gpu_kernel(x, backend, "triton"):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_torch(x, weight, eps)

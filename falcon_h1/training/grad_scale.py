@@ -38,7 +38,14 @@ class FusedGradScale:
         self.optimizer = optimizer
         self.num_tokens: torch.Tensor | None = None
         self.grad_check = None  # the NaN/Inf check finalize left pending (grad_checks.DeferredGradCheck)
-        self._grad_scale: dict[torch.device, torch.Tensor] = {}
+        # (torch optimizer, its grad_scale tensor on its parameters' device); a rank whose shard of
+        # the distributed optimizer holds none of an optimizer's parameters has nothing to scale.
+        self._grad_scales = []
+        for inner in _inner_optimizers(optimizer):
+            params = [p for group in inner.optimizer.param_groups for p in group["params"]]
+            if params:
+                self._grad_scales.append((inner.optimizer, torch.empty((), dtype=torch.float32,
+                                                                          device=params[0].device)))
 
     @staticmethod
     def applies_to(optimizer) -> bool:
@@ -88,16 +95,9 @@ class FusedGradScale:
         grad_norm = raw_norm / tokens
         clip_grad = optimizer.config.clip_grad
         clip = min(1.0, clip_grad / (grad_norm + 1.0e-6)) if clip_grad > 0.0 else 1.0
-        for inner in _inner_optimizers(optimizer):
-            torch_optimizer = inner.optimizer
-            params = [p for group in torch_optimizer.param_groups for p in group["params"]]
-            if not params:  # this rank's shard of the distributed optimizer holds none of its parameters
-                continue
-            device = params[0].device
-            if device not in self._grad_scale:
-                self._grad_scale[device] = torch.empty((), dtype=torch.float32, device=device)
+        for torch_optimizer, grad_scale in self._grad_scales:
             # A kernel argument, not a host-to-device copy: no wait for the GPU.
-            torch_optimizer.grad_scale = self._grad_scale[device].fill_(tokens / clip)
+            torch_optimizer.grad_scale = grad_scale.fill_(tokens / clip)
         num_zeros = optimizer.count_zeros() if optimizer.config.log_num_zeros_in_grad else None
         threshold = optimizer.config.grad_norm_skip_threshold
         if math.isfinite(threshold) and grad_norm > threshold:

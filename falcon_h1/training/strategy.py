@@ -233,9 +233,8 @@ class MegatronStrategy(DDPStrategy):
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         if ddp_config.overlap_grad_reduce:
             config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
-        grad_check = DeferredGradCheck(chunks) if ddp_config.check_for_nan_in_grad else None
-        self._grad_check = grad_check
-        config.finalize_model_grads_func = partial(_finalize_grads, module, grad_check)
+        self._grad_check = DeferredGradCheck(chunks) if ddp_config.check_for_nan_in_grad else None
+        config.finalize_model_grads_func = partial(_finalize_grads, module, self._grad_check)
 
     def model_to_device(self) -> None:
         pass  # chunks are built on their device and wrapped in setup
