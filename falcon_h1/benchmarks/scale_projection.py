@@ -44,11 +44,16 @@ def data_parallel_bytes(parameters: int, layout: dict, dp: int, element_bytes: i
     return shard * element_bytes * (dp - 1) / dp
 
 
+def _data_parallel_only(layout: dict) -> bool:
+    """All of the layout's communication is the data-parallel collectives (TP = PP = CP = 1, DP > 1)."""
+    return (layout["tp"], layout["pp"], layout["cp"]) == (1, 1, 1) and layout["dp"] > 1
+
+
 def bus_bandwidth(row: dict, parameters: int) -> float:
-    """Bytes/s of the data-parallel collectives in a measured row whose communication is all
-    data-parallel (TP = PP = CP = 1, profiled)."""
+    """Bytes/s of the data-parallel collectives in a measured, profiled row whose communication is
+    all data-parallel."""
     layout = row["layout"]
-    if (layout["tp"], layout["pp"], layout["cp"]) != (1, 1, 1) or layout["dp"] < 2:
+    if not _data_parallel_only(layout):
         raise ValueError(f"the bandwidth needs a data-parallel-only row (TP = PP = CP = 1, DP > 1), got {layout}")
     nccl_ms = (row.get("profiled_step") or {}).get("nccl_kernels_ms")
     if not nccl_ms:
@@ -67,12 +72,12 @@ def project(row: dict, gpus: int, bandwidth: float, parameters: int) -> dict:
         return (data_parallel_bytes(parameters, layout, dp, element_bytes)
                 - data_parallel_bytes(parameters, layout, layout["dp"], element_bytes)) / bandwidth
 
-    step = row["step_time_s"]
+    step, added_all_s = row["step_time_s"], added_s(GRAD_BYTES + PARAM_BYTES)
     tokens_per_gpu = row["global_batch_size"] * row["seq_length"] / row["gpus"]
-    bounds = {"overlapped": step + added_s(PARAM_BYTES), "exposed": step + added_s(GRAD_BYTES + PARAM_BYTES)}
+    bounds = {"overlapped": step + added_s(PARAM_BYTES), "exposed": step + added_all_s}
     return dict(
         preset=row["preset"], seq_length=row["seq_length"], gpus=gpus, layout=dict(layout, dp=dp),
-        measured_gpus=row["gpus"], measured_step_s=step, added_data_parallel_s=added_s(GRAD_BYTES + PARAM_BYTES),
+        measured_gpus=row["gpus"], measured_step_s=step, added_data_parallel_s=added_all_s,
         step_time_s=bounds, tokens_per_sec_per_gpu={k: tokens_per_gpu / s for k, s in bounds.items()},
         model_tflops_per_gpu={k: row["model_tflops_per_gpu"] * step / s for k, s in bounds.items()},
         mfu={k: row["mfu"] * step / s for k, s in bounds.items()} if row.get("mfu") else None)
@@ -84,9 +89,7 @@ def _parameters(preset: str) -> int:
 
 def measured_bandwidth(rows: list[dict]) -> float:
     """The bus bandwidth of the first profiled data-parallel-only row of `rows`, of any preset."""
-    reference = [row for row in rows
-                 if (row["layout"]["tp"], row["layout"]["pp"], row["layout"]["cp"]) == (1, 1, 1)
-                 and row["layout"]["dp"] > 1 and row.get("profiled_step")]
+    reference = [row for row in rows if _data_parallel_only(row["layout"]) and row.get("profiled_step")]
     if not reference:
         raise ValueError("no profiled data-parallel-only row (TP = PP = CP = 1, DP > 1) to measure the bandwidth "
                          "from; give one with --bandwidth-rows, or state a rate with --bus-bandwidth")
@@ -136,7 +139,7 @@ def _read_rows(path: str) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m falcon_h1.benchmarks.scale_projection", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rows", help="JSON lines of measured bench rows (tests/gpu/layouts.sh writes them)")
+    parser.add_argument("rows", help="measured bench rows: JSON lines (tests/gpu/layouts.sh) or the bench's --json list")
     parser.add_argument("--bandwidth-rows", help="rows holding the profiled data-parallel-only run the bandwidth "
                                                  "comes from, if `rows` has none (the 7B layouts all use TP)")
     parser.add_argument("--bus-bandwidth", type=float, nargs="+", metavar="GB/s",
