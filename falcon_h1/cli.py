@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     app = Typer(pretty_exceptions_enable=False)
     _add_typer_nested(app, {NAMESPACE: list_entrypoints()[NAMESPACE]})
     args = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = [f"{sys.argv[0]}", NAMESPACE, *args]
     try:
-        status = app(standalone_mode=False)  # nemo-run's errors end as typer.Exit(1): returned here
+        # sys.argv stays as the user typed it: Lightning starts the other processes of a multi-device
+        # run (trainer.devices=N without an executor) by re-running it.
+        status = app(args=[NAMESPACE, *args], prog_name="falcon-h1", standalone_mode=False)  # nemo-run's errors end as typer.Exit(1): returned here
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 1
     except Exception as error:  # click usage errors (an unknown command, a bad option)

@@ -6,9 +6,18 @@
   not only the resolved config;
 - a run on the local executor that fails is reported as a failure (nemo-run exits 0 whatever
   the task did): the task writes a file when it finishes (a training task LOG_DIR/result.json,
-  `bench` its `output` JSON), so its absence after the run means the task failed.
+  `bench` its `output` JSON), so its absence after the run means the task failed;
+- the executor and the trainer agree on the processes before anything launches: the process count
+  named on the command line (`run.executor.ntasks_per_node` / `run.executor.nodes`, or
+  `trainer.devices` / `trainer.num_nodes`) sets the other side; named on both sides and different,
+  the command fails at once naming both;
+- the resolved config is printed with `--dryrun` or `--verbose`, not before every run;
+- without `-y` and without a terminal to answer "Continue?", the command says to add `-y`.
 """
 
+import logging
+import os
+import sys
 import time
 import types
 from pathlib import Path
@@ -36,20 +45,70 @@ class FalconRunContext(RunContext):
             raise RunContextError(f"{self.yaml} configures {target}, not {fn.__name__}")
         return parse_cli_args(task, args) if args else task
 
+    def parse_args(self, args, lazy: bool = False):
+        self.run_args = list(args)  # the `run.*` arguments as typed: which executor fields the user named
+        return super().parse_args(args, lazy)
+
     def _execute_task(self, fn, task_args):
-        exporting = any([self.to_yaml, self.to_toml, self.to_json])
-        if self.dryrun and self.executor is not None and not exporting:
-            task = self.parse_fn(fn, task_args)
-            run.run(task, executor=self.executor, dryrun=True, name=self.name)
+        if self.repl or any([self.to_yaml, self.to_toml, self.to_json]):
+            return super()._execute_task(fn, task_args)
+        task = self.parse_fn(fn, task_args)
+        if self.executor is not None and getattr(task, "trainer", None) is not None:
+            match_processes(task.trainer, self.executor, self.run_args, task_args, self.factory)
+        # nemo-run keeps its --verbose flag only as the level of the torchx logger.
+        if self.dryrun or logging.getLogger("torchx").isEnabledFor(logging.INFO):
+            run.dryrun_fn(task, executor=self.executor)
+        if self.dryrun:
+            if self.executor is not None:  # the launch request: the torchrun command, the sbatch script
+                run.run(task, executor=self.executor, dryrun=True, name=self.name)
             return
-        watch = (not exporting and not self.dryrun and not self.repl and not self.detach
-                 and isinstance(self.executor, run.LocalExecutor))
+        if not self.skip_confirmation and "WORLD_SIZE" not in os.environ and not sys.stdin.isatty():
+            raise RunContextError("there is no terminal to answer 'Continue?': add -y to run without asking")
+        if not self._should_continue(self.skip_confirmation):
+            return
+        watch = not self.detach and isinstance(self.executor, run.LocalExecutor)
         started = time.time()
-        super()._execute_task(fn, task_args)
+        run.run(task, name=self.name, executor=self.executor, plugins=self.plugins,
+                direct=self.direct or self.executor is None, detach=self.detach)
         if watch:
-            result = completion_file(self.parse_fn(fn, task_args))
+            result = completion_file(task)
             if result is not None and (not result.exists() or result.stat().st_mtime < started):
                 raise TaskFailed(f"the {self.name} task failed: it did not write {result}; its log is above")
+
+
+def _names_processes(args: list[str], prefix: str, fields) -> bool:
+    """Whether one of `args` (KEY=VALUE overrides) sets one of `prefix` + `fields`."""
+    keys = {arg.split("=", 1)[0].strip() for arg in args}
+    return any(prefix + field in keys for field in fields)
+
+
+def _factory_names_processes(factory: str | None) -> bool:
+    """Whether a recipe factory call such as "tiny(num_gpus_per_node=2)" sets the process count."""
+    return bool(factory) and any(f"{name}=" in factory for name in ("num_gpus_per_node", "num_nodes"))
+
+
+def match_processes(trainer, executor, run_args: list[str], task_args: list[str], factory: str | None) -> None:
+    """Make the trainer's devices x num_nodes equal the executor's tasks per node x nodes. The side
+    the command line named sets the other (the trainer, i.e. the recipe, when neither was named);
+    both named and different is an error, raised before anything launches."""
+    if _names_processes(run_args, "executor.", ("gpus_per_node",)) and \
+            not _names_processes(run_args, "executor.", ("ntasks_per_node",)):
+        executor.ntasks_per_node = executor.gpus_per_node  # Slurm: one task per GPU
+    executor_named = _names_processes(run_args, "executor.", ("ntasks_per_node", "nodes", "gpus_per_node"))
+    trainer_named = _names_processes(task_args, "trainer.", ("devices", "num_nodes")) or \
+        _factory_names_processes(factory)
+    for trainer_field, executor_field in (("devices", "ntasks_per_node"), ("num_nodes", "nodes")):
+        ours, theirs = getattr(trainer, trainer_field), getattr(executor, executor_field)
+        if trainer_named and executor_named and ours != theirs:
+            raise RunContextError(
+                f"trainer.{trainer_field}={ours} but run.executor.{executor_field}={theirs}: the executor would "
+                f"start {theirs} and the trainer expects {ours}; set one of them (the other follows)")
+        if executor_named or ours is None:
+            setattr(trainer, trainer_field, theirs)
+        else:
+            setattr(executor, executor_field, ours)
+    if getattr(executor, "gpus_per_node", None):  # Slurm: one GPU per task
+        executor.gpus_per_node = executor.ntasks_per_node
 
 
 def completion_file(task) -> Path | None:

@@ -64,7 +64,7 @@ def falcon_h1_cli(*args, tmp_path, timeout=600, threads: int | None = None) -> s
     env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore",
                **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     return subprocess.run([sys.executable, "-m", "falcon_h1.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout)
+                          cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

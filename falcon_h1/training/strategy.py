@@ -15,6 +15,9 @@ group):
 import dataclasses
 import importlib.util
 import logging
+import multiprocessing
+import multiprocessing.managers
+import queue
 import time
 from functools import partial
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer.module import Float16Module
+from lightning_fabric.utilities.imports import _IS_INTERACTIVE
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -86,6 +90,19 @@ class MegatronStrategy(DDPStrategy):
     @property
     def lightning_restore_optimizer(self) -> bool:
         return True
+
+    def _configure_launcher(self) -> None:
+        """One process, or processes torchrun / Slurm started: nothing to launch, which also lets a
+        run start from a notebook. More processes from a notebook would need it forked: refuse."""
+        if self.num_processes * self.num_nodes == 1 or self.cluster_environment.creates_processes_externally:
+            self._launcher = None
+            return
+        if _IS_INTERACTIVE:
+            raise ValueError(
+                f"devices={self.num_processes} x num_nodes={self.num_nodes} processes cannot start from a notebook "
+                "or an interactive session: launch them with torchrun, e.g. run.run(recipe, executor="
+                "run.LocalExecutor(ntasks_per_node=N, launcher='torchrun')), or train with devices=1")
+        super()._configure_launcher()
 
     @property
     def model_parallel_size(self) -> int:
@@ -305,6 +322,7 @@ class MegatronStrategy(DDPStrategy):
                                 base_checkpoint=str(Path(self.restore_weights_from).resolve()))
             checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
         self.barrier("checkpoint-dirs")
+        _write_results_queue_without_spawn(background=self.async_save)
         request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
                                           async_sharded_save=self.async_save, async_strategy=_ASYNC_STRATEGY)
         finish = partial(self._finish_save, path)
@@ -370,6 +388,22 @@ class MegatronStrategy(DDPStrategy):
     def load_optimizer_state_dict(self, checkpoint) -> None:
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             optimizer.megatron_optimizer.load_state_dict(state)
+
+
+def _write_results_queue_without_spawn(background: bool) -> None:
+    """Megatron's checkpoint writer reports back through a queue that it makes, on first use, with a
+    multiprocessing Manager in a *spawned* process, and a spawned process re-runs the user's
+    `__main__` script: a script without an `if __name__ == "__main__":` guard trained again inside
+    its own save (EADDRINUSE, EOFError, an unfinished checkpoint). A synchronous save writes in this
+    process and needs only a thread-safe queue; the background writer is a forked process, and a
+    Manager forked (not spawned) serves it without re-running anything."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if background:
+        if not isinstance(filesystem_async._results_queue, multiprocessing.managers.BaseProxy):
+            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    else:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _allocate_optimizer_state(optimizer) -> None:
