@@ -5,10 +5,12 @@ save_pretrained in several safetensors shards. Import must give a checkpoint who
 transformers' logits (float32, relative error <= 1e-5) at TP=1 and TP=2; export must give back
 every tensor bitwise (names, dtypes, values) with a config.json transformers reads as the
 original, also from a checkpoint written at TP=2 (other vocabulary padding). Bad input fails
-before anything is written, and a failure half-way leaves no output behind.
+before anything is written, and a failure half-way leaves no output behind. Export writes the bos/eos/pad
+ids of the tokenizer the checkpoint carries, saying what it changed, and refuses ids it cannot decide.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +142,63 @@ def test_tp2_loads_the_import_and_its_tp2_save_exports_the_original(hf_dirs, imp
     assert all(torch.equal(exported[k], v) for k, v in original.items())
 
 
+# ---------------------------------------------------------------- special token ids
+
+
+def with_bundled_tokenizer(source: Path, target: Path, **config_fields) -> Path:
+    """A copy of the HF directory `source` carrying the bundled corpus tokenizer (<|endoftext|> = id 0
+    is its bos, eos and pad), with `config_fields` set in its config.json."""
+    from falcon_h1.data.default_corpus import default_corpus
+
+    copy_dir(source, target)
+    for file in Path(default_corpus().tokenizer_dir).iterdir():
+        shutil.copy(file, target / file.name)
+    config = json.loads((target / "config.json").read_text())
+    config.update(config_fields)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_export_takes_the_token_ids_of_the_checkpoints_tokenizer(hf_dirs, tmp_path, capfd):
+    """The tiny preset used to say eos 11 and bos 1: '+' and '!' in the bundled tokenizer."""
+    stale = with_bundled_tokenizer(hf_dirs["untied"], tmp_path / "stale", bos_token_id=1, eos_token_id=11,
+                                   pad_token_id=0)
+    checkpoint = import_hf_checkpoint(stale, tmp_path / "ckpt", progress=False)
+    capfd.readouterr()
+    out = export_hf_checkpoint(checkpoint, tmp_path / "hf", progress=False)
+    assert capfd.readouterr().err.splitlines() == [
+        "export: config.json bos_token_id 1 ('!') -> 0 ('<|endoftext|>'), eos_token_id 11 ('+') -> 0 "
+        "('<|endoftext|>') to match the checkpoint's tokenizer"]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (0, 0, 0)
+    original, exported = hf_tensors(hf_dirs["untied"]), hf_tensors(out)
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+
+    # Ids that already agree (an eos list holding the tokenizer's eos included) are written as they are.
+    agreeing = with_bundled_tokenizer(hf_dirs["untied"], tmp_path / "agreeing", bos_token_id=0, eos_token_id=[0, 7])
+    export_hf_checkpoint(import_hf_checkpoint(agreeing, tmp_path / "ckpt2", progress=False), tmp_path / "hf2",
+                         progress=False)
+    assert "to match" not in capfd.readouterr().err
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["eos_token_id"] == [0, 7]
+
+
+def test_export_refuses_token_ids_it_cannot_decide(hf_dirs, tmp_path):
+    listed = with_bundled_tokenizer(hf_dirs["untied"], tmp_path / "listed", eos_token_id=[5, 7])
+    checkpoint = import_hf_checkpoint(listed, tmp_path / "ckpt", progress=False)
+    with pytest.raises(CheckpointError, match=r"eos_token_id=\[5, 7\] does not hold the tokenizer's eos id 0"):
+        export_hf_checkpoint(checkpoint, tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+    outside = with_bundled_tokenizer(hf_dirs["untied"], tmp_path / "outside")  # a vocabulary of 200
+    settings = json.loads((outside / "tokenizer_config.json").read_text())
+    vocabulary = json.loads((outside / "tokenizer.json").read_text())["model"]["vocab"]
+    settings["eos_token"] = next(token for token, i in vocabulary.items() if i == 250)
+    (outside / "tokenizer_config.json").write_text(json.dumps(settings))
+    checkpoint = import_hf_checkpoint(outside, tmp_path / "ckpt2", progress=False)
+    with pytest.raises(CheckpointError, match="has id 250, outside the model's vocabulary of 200"):
+        export_hf_checkpoint(checkpoint, tmp_path / "hf", progress=False)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -233,7 +292,5 @@ def test_command_line(hf_dirs, tmp_path):
 
 
 def copy_dir(source: Path, target: Path) -> Path:
-    import shutil
-
     shutil.copytree(source, target)
     return target

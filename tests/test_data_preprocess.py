@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from falcon_h1.data.default_corpus import default_corpus, stdlib_sources
 from falcon_h1.data.preprocess import load_tokenizer, main, preprocess
 
 DOCS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.",
@@ -57,12 +56,3 @@ def test_bad_input_fails_with_the_place_and_leaves_no_dataset(tmp_path, make_inp
 def test_cli_reports_a_missing_tokenizer_directory(tmp_path, corpus, capsys):
     assert main(["--input", *corpus, "--output-prefix", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "nope")]) == 2
     assert "tokenizer directory does not exist" in capsys.readouterr().err
-
-
-def test_default_corpus_is_the_stdlib_built_once_and_cached(tmp_path):
-    files = stdlib_sources(400_000)
-    assert files and all(f.suffix == ".py" and "test" not in f.parts for f in files)
-    built = default_corpus(tmp_path, max_bytes=400_000, vocab_size=512)
-    cached = default_corpus(tmp_path, max_bytes=400_000, vocab_size=512)
-    assert built == cached and built.documents == len(files) and built.tokens > 50_000
-    assert len(load_tokenizer(cached.tokenizer_dir)) == 512

@@ -83,7 +83,10 @@ def train_bpe_tokenizer(files: list[Path], vocab_size: int, out_dir: Path, json_
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(iter_documents(files, json_key), trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOD_TOKEN, pad_token=EOD_TOKEN)
+    # One special token, id 0, as in GPT-2: it ends each document, so it is also what precedes the
+    # next one (bos) and what pads.
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=EOD_TOKEN, eos_token=EOD_TOKEN,
+                                      pad_token=EOD_TOKEN)
     out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out_dir)
     return wrapped

@@ -30,9 +30,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_token_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+             eos_token_id: int | list[int] | None = None, seed: int | None = None) -> list[list[int]]:
     """The tokens generated after each prompt (without the prompt), at most `max_new_tokens`,
-    stopping a row at `eos_token_id` (included)."""
+    stopping a row at `eos_token_id` (included; any of them if a list), as transformers' generate."""
+    stops = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     vocab = model.config.vocab_size
@@ -52,7 +53,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             last.append(logits[0, -1, :vocab])
         tokens = sample_next(torch.stack(last), temperature, top_p, generator)
         outputs = [[int(t)] for t in tokens]
-        finished = [eos_token_id is not None and out[-1] == eos_token_id for out in outputs]
+        finished = [out[-1] in stops for out in outputs]
         cache.start_decode()
         for _ in range(max_new_tokens - 1):
             if all(finished):
@@ -63,7 +64,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, temperature: 
             for row, token in enumerate(tokens.tolist()):
                 if not finished[row]:
                     outputs[row].append(token)
-                    finished[row] = eos_token_id is not None and token == eos_token_id
+                    finished[row] = token in stops
         return outputs
     finally:
         model.train(was_training)

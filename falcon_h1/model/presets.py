@@ -20,12 +20,13 @@ _DEEP_SSM_MULTIPLIERS = (0.3535533905932738, 0.25, 0.1767766952966369, 0.5, 0.35
 
 PRESETS: dict[str, dict] = {
     # Not a released model: a few-million-parameter Falcon-H1 for CPU smoke tests, CI and the
-    # README's main job (its vocabulary is the bundled corpus tokenizer's).
+    # README's main job. Its vocabulary and special tokens are the bundled corpus tokenizer's: one
+    # <|endoftext|>, id 0, is bos, eos and pad (falcon_h1/data/preprocess.py).
     "tiny": dict(
         num_layers=4, hidden_size=256, ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
         kv_channels=64, mamba_num_heads=8, mamba_head_dim=32, mamba_state_dim=32, mamba_num_groups=1,
         mamba_chunk_size=64, mamba_rms_norm=False, vocab_size=4096, max_position_embeddings=4096,
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=True, pad_token_id=0, bos_token_id=0, eos_token_id=0,
     ),
     "tiny-90m": dict(
         num_layers=24, hidden_size=512, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=2,

@@ -121,10 +121,9 @@ def main():
         prefix, tokenizer_dir = args.data, args.tokenizer
     else:
         corpus = default_corpus()
-        prefix, tokenizer_dir = corpus.prefix, corpus.tokenizer_dir
+        prefix, tokenizer_dir = corpus.paths, corpus.tokenizer_dir
     data = PreTrainingDataModule(prefix, tokenizer_dir, seq_length=args.seq_length,
-                                 micro_batch_size=args.micro_batch_size,
-                                 global_batch_size=args.global_batch_size, split="98,2,0")
+                                 micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size)
     module = FalconH1Module(config, falcon_h1_optimizer_config(lr=args.lr),
                             LRSchedule(warmup_steps=2, decay_style="WSD", wsd_decay_fraction=0.5),
                             tokenizer_dir=tokenizer_dir)
