@@ -20,7 +20,10 @@ import os
 import sys
 import time
 import types
+from inspect import signature
 from pathlib import Path
+
+import fiddle as fdl
 
 import nemo_run as run
 from nemo_run.cli.api import RunContext, RunContextError
@@ -37,6 +40,12 @@ class TaskFailed(RunContextError):
 
 class FalconRunContext(RunContext):
     def parse_fn(self, fn, args, **default_kwargs):
+        task = self._parse(fn, args, **default_kwargs)
+        if args:  # `data=NAME` on the command line keeps the recipe's sizes that it does not set
+            inherit_data_sizes(task, self._parse(fn, [], **default_kwargs))
+        return task
+
+    def _parse(self, fn, args, **default_kwargs):
         if not self.yaml or Path(self.yaml).suffix.lower() not in (".yaml", ".yml"):
             return super().parse_fn(fn, args, **default_kwargs)
         task = ConfigSerializer().load_yaml(self.yaml)
@@ -74,6 +83,26 @@ class FalconRunContext(RunContext):
             result = completion_file(task)
             if result is not None and (not result.exists() or result.stat().st_mtime < started):
                 raise TaskFailed(f"the {self.name} task failed: it did not write {result}; its log is above")
+
+
+# What a data module takes from its recipe: a data factory on the command line (`data=mock`) does
+# not know the recipe it goes into, so the sizes it leaves unset are the recipe's.
+DATA_SIZES = ("seq_length", "micro_batch_size", "global_batch_size")
+
+
+def inherit_data_sizes(task, recipe):
+    """Give `task`'s data (set on the command line: `data=mock`, `data=pretraining(...)`) the
+    sequence length and batch sizes of `recipe`'s data (the recipe before the command line's
+    overrides) where it sets none itself; sizes it sets (`data.seq_length=64`) stay."""
+    data, recipe_data = getattr(task, "data", None), getattr(recipe, "data", None)
+    if not isinstance(data, fdl.Buildable) or not isinstance(recipe_data, fdl.Buildable):
+        return task
+    accepted = signature(data.__fn_or_cls__).parameters
+    for name in DATA_SIZES:
+        if name in accepted and name not in data.__arguments__ and name in recipe_data.__arguments__:
+            setattr(data, name, recipe_data.__arguments__[name])
+    return task
+
 
 
 def _names_processes(args: list[str], prefix: str, fields) -> bool:

@@ -1,7 +1,7 @@
 """Falcon-H1 recipes: one module per model size, plus shared factories and executors.
 
 Importing this package registers every factory with nemo-run (for `--factory NAME`,
-`model=NAME`, `run.executor=local|slurm`).
+`model=NAME`, `data=mock|pretraining(...)|sft(...)` (recipes/common.py), `run.executor=local|slurm`).
 """
 
 from recipes import (  # noqa: F401  (imported for their factory registrations)

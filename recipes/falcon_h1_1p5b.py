@@ -21,7 +21,7 @@ SIZE = Size(preset="1.5b", seq_length=4096, global_batch_size=256, micro_batch_s
 
 @run.cli.factory(name=NAME)
 def model() -> run.Config[pl.LightningModule]:
-    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_steps)
+    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_fraction)
 
 
 @run.cli.factory(name=NAME)

@@ -20,7 +20,7 @@ SIZE = Size(preset="1.5b-deep", seq_length=4096, global_batch_size=256, micro_ba
 
 @run.cli.factory(name=NAME)
 def model() -> run.Config[pl.LightningModule]:
-    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_steps)
+    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_fraction)
 
 
 @run.cli.factory(name=NAME)

@@ -22,7 +22,7 @@ SIZE = Size(preset="7b", seq_length=8192, global_batch_size=128, micro_batch_siz
 
 @run.cli.factory(name=NAME)
 def model() -> run.Config[pl.LightningModule]:
-    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_steps)
+    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_fraction)
 
 
 @run.cli.factory(name=NAME)

@@ -38,13 +38,13 @@ def pretrain_recipe(size: str = "falcon_h1_7b", checkpoint: str | None = None, s
     base = recipes.SIZES[size].SIZE
     size_spec = common.Size(preset=base.preset, seq_length=seq_length, global_batch_size=global_batch_size,
                             micro_batch_size=1, tensor_parallel=tp, context_parallel=cp,
-                            sequence_parallel=tp > 1, num_nodes=num_nodes, lr=common.FINETUNE_LR, warmup_steps=50,
-                            max_steps=max_steps)
+                            sequence_parallel=tp > 1, num_nodes=num_nodes, lr=common.FINETUNE_LR,
+                            warmup_fraction=0.025, max_steps=max_steps)  # 50 warm-up steps of the default 2000
     config = common.model_config(base.preset, max_position_embeddings=max(seq_length, 131072),
                                  recompute_granularity="selective", recompute_modules=["core_attn"],
                                  recompute_ssd_scan=True)
     recipe = common.pretrain_recipe(
-        common.lightning_module(config, size_spec.lr, size_spec.warmup_steps, weight_decay=0.0),
+        common.lightning_module(config, size_spec.lr, size_spec.warmup_fraction, weight_decay=0.0),
         common.trainer(size_spec, dir or f"runs/{size}_{NAME}", max_steps, num_nodes, size_spec.num_gpus_per_node,
                        val_check_interval=200, limit_val_batches=4, checkpoint_every_n_steps=200),
         common.mock_data(size_spec))

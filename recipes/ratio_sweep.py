@@ -29,7 +29,7 @@ def ratio_size(seq_length: int, global_batch_size: int, micro_batch_size: int, m
                devices: int) -> common.Size:
     return common.Size(preset="tiny-90m", seq_length=seq_length, global_batch_size=global_batch_size,
                        micro_batch_size=micro_batch_size, num_gpus_per_node=devices, lr=lr,
-                       warmup_steps=max(1, max_steps // 10), max_steps=max_steps)
+                       warmup_fraction=0.1, max_steps=max_steps)
 
 
 def ratio_model_config(attention_heads: int, mamba_heads: int, num_layers: int, hidden_size: int) -> run.Config:
@@ -48,7 +48,7 @@ def ratio_run(attention_heads: int, mamba_heads: int, dir: str, size: common.Siz
                              size.num_gpus_per_node, val_check_interval=max(1, size.max_steps // 4),
                              limit_val_batches=8, log_every_n_steps=max(1, size.max_steps // 10),
                              checkpoint_every_n_steps=size.max_steps, keep_last_k=1)
-    recipe = common.pretrain_recipe(common.lightning_module(config, size.lr, size.warmup_steps), trainer, data)
+    recipe = common.pretrain_recipe(common.lightning_module(config, size.lr, size.warmup_fraction), trainer, data)
     recipe.resume.resume_if_exists = False
     return recipe
 

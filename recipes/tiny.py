@@ -17,12 +17,12 @@ from recipes.common import Size
 
 NAME = "tiny"
 SIZE = Size(preset="tiny", seq_length=128, global_batch_size=16, micro_batch_size=8, num_gpus_per_node=1,
-            lr=3e-3, warmup_steps=30, max_steps=300)
+            lr=3e-3, warmup_fraction=0.1, max_steps=300)
 
 
 @run.cli.factory(name=NAME)
 def model() -> run.Config[pl.LightningModule]:
-    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_steps)
+    return common.lightning_module(common.model_config(SIZE.preset), SIZE.lr, SIZE.warmup_fraction)
 
 
 @run.cli.factory(name=NAME)

@@ -18,7 +18,7 @@ import torch
 import recipes
 from falcon_h1.model.param_count import parameter_count
 from falcon_h1.model.presets import NOMINAL_SIZES, preset_config
-from recipes import attention_baseline, long_context, ratio_sweep
+from recipes import attention_baseline, long_context, ratio_sweep, tiny
 from tests.conftest import REPO, falcon_h1_cli
 
 def built_config(recipe):
@@ -60,7 +60,7 @@ def test_recipe_builds_at_its_declared_size(name):
     lightning_module = fdl.build(recipe.model)
     assert lightning_module.chunks is None  # no weights until configure_model on the training job
     if recipe.data.__fn_or_cls__.__name__ == "MockDataModule":
-        assert recipe.data.vocab_size == config.vocab_size
+        assert fdl.build(recipe.data).vocab_size is None  # the model's, taken when the run starts
     lora = module.finetune_recipe(checkpoint="ckpts/x", data="sft.jsonl")
     assert lora.resume.restore_weights_from == "ckpts/x" and lora.data.train_path == "sft.jsonl"
     assert lora.data.tokenizer_dir is None  # the checkpoint's, filled in by finetune
@@ -68,6 +68,56 @@ def test_recipe_builds_at_its_declared_size(name):
     assert fdl.build(lora.model.peft).target_modules == ["in_proj", "out_proj", "linear_fc1", "linear_fc2"]
     full = module.finetune_recipe(checkpoint="ckpts/x", peft_scheme="none")
     assert full.model.peft is None and full.model.optimizer.lr < lora.model.optimizer.lr
+
+
+def every_recipe():
+    """(name, recipe factory) of every pretraining and fine-tuning recipe."""
+    for name, module in sorted(recipes.SIZES.items()):
+        yield f"{name} pretrain", module.pretrain_recipe
+        yield f"{name} finetune", lambda module=module: module.finetune_recipe(checkpoint="ckpts/x", data="sft.jsonl")
+        yield f"{name} attention_baseline", lambda name=name: attention_baseline.pretrain_recipe(size=name)
+    for name in sorted(long_context.LAYOUTS):
+        yield f"{name} long_context", lambda name=name: long_context.pretrain_recipe(size=name, checkpoint="ckpts/x")
+    for name in ratio_sweep.sweep_tasks(corpus=False):
+        yield f"ratio_sweep {name}", lambda name=name: ratio_sweep.sweep_tasks(corpus=False)[name]
+
+
+def test_every_recipe_scales_its_schedule_to_the_run():
+    """Warm-up and decay are fractions of trainer.max_steps and the LR ends at lr / 8 whatever lr
+    the command line sets: a recipe at its own length keeps its documented warm-up, at 5 steps it
+    still trains, and a new lr moves min_lr with it."""
+    from nemo_run.cli.cli_parser import parse_cli_args
+
+    from falcon_h1.training.optim import resolved_min_lr
+
+    warmups = {"tiny pretrain": 30, "falcon_h1_1p5b pretrain": 500, "falcon_h1_7b finetune": 50,
+               "falcon_h1_7b long_context": 50, "ratio_sweep attn4_mamba4": 30}
+    for name, recipe in every_recipe():
+        default = recipe()
+        schedule = fdl.build(default.model.lr_schedule)
+        steps = schedule.steps(default.trainer.max_steps)
+        assert steps.warmup == warmups.get(name, steps.warmup), (name, steps)
+        assert 0 < steps.wsd_decay <= 0.1 * default.trainer.max_steps + 1, (name, steps)
+        task = parse_cli_args(recipe(), ["trainer.max_steps=5", "model.optimizer.lr=2e-3"])
+        assert fdl.build(task.model.lr_schedule).steps(task.trainer.max_steps).decay == 5, name
+        assert resolved_min_lr(fdl.build(task.model.optimizer)) == pytest.approx(2e-3 / 8), name
+    explicit = parse_cli_args(tiny.pretrain_recipe(), ["model.optimizer.min_lr=1e-5", "model.optimizer.lr=2e-3"])
+    assert resolved_min_lr(fdl.build(explicit.model.optimizer)) == 1e-5
+
+
+def test_every_recipes_dryrun_takes_a_five_step_run(tmp_path):
+    """`falcon-h1 pretrain|finetune --factory NAME trainer.max_steps=5 --dryrun` for every size
+    (one process, the commands one after the other)."""
+    commands = [[task, "--factory", factory, "trainer.max_steps=5", "--dryrun"] for name in sorted(recipes.SIZES)
+                for task, factory in (("pretrain", name), ("finetune", f"{name}(checkpoint=ckpts/x, data=sft.jsonl)"))]
+    script = ("import json, sys\nfrom falcon_h1.cli import main\n"
+              "print('exit codes', [main(command) for command in json.loads(sys.argv[1])])")
+    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="200", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"exit codes {[0] * len(commands)}" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("max_steps=5,") == len(commands)
 
 
 @pytest.mark.parametrize("name", sorted(recipes.SIZES))
@@ -119,15 +169,15 @@ def test_dryrun_with_the_slurm_executor_shows_the_sbatch_script(tmp_path):
 
 def test_tiny_pretrain_through_the_cli_then_its_yaml_gives_the_same_config(tmp_path):
     run_dir = tmp_path / "tiny"
-    overrides = ["trainer.max_steps=6", f"trainer.log_dir={run_dir}", "trainer.val_check_interval=3",
-                 "trainer.limit_val_batches=2", "model.lr_schedule.warmup_steps=2"]
+    overrides = ["trainer.max_steps=5", f"trainer.log_dir={run_dir}", "trainer.val_check_interval=3",
+                 "trainer.limit_val_batches=2"]
     done = falcon_h1_cli("pretrain", "--factory", "tiny", *overrides, "-y", "run.executor=local", tmp_path=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["global_step"] == 6 and result["val_loss"] < 8.5
-    assert (run_dir / "checkpoints" / "step=0000006" / "weights" / "metadata.json").is_file()
+    assert result["global_step"] == 5 and result["val_loss"] < 8.5
+    assert (run_dir / "checkpoints" / "step=0000005" / "weights" / "metadata.json").is_file()
     assert (run_dir / "loss.png").is_file() and list((run_dir / "tensorboard").iterdir())
-    assert "step 6/6" in done.stdout
+    assert "step 5/5" in done.stdout
 
     exported = falcon_h1_cli("pretrain", "--factory", "tiny", *overrides, "--to-yaml", tmp_path / "tiny.yaml",
                              tmp_path=tmp_path)
@@ -151,12 +201,13 @@ def test_cli_typos_fail_naming_the_problem(tmp_path, args, message):
 
 
 def test_a_failed_task_fails_the_command(tmp_path):
-    # Warm-up longer than the run: the job raises when it builds its LR schedule.
-    done = falcon_h1_cli("pretrain", "--factory", "tiny", "trainer.max_steps=3", f"trainer.log_dir={tmp_path / 'r'}",
-                         "-y", "run.executor=local", tmp_path=tmp_path)
+    # A warm-up set in steps, longer than the run: the job raises before it builds the model.
+    done = falcon_h1_cli("pretrain", "--factory", "tiny", "trainer.max_steps=3", "model.lr_schedule.warmup_steps=30",
+                         f"trainer.log_dir={tmp_path / 'r'}", "-y", "run.executor=local", tmp_path=tmp_path)
     assert done.returncode != 0
     assert "did not write" in done.stdout + done.stderr
-    assert "warmup_steps=30 must be below the decay horizon 3" in done.stdout + done.stderr
+    assert ("LRSchedule.warmup_steps=30 must be below the decay horizon 3 (trainer.max_steps): lower "
+            "model.lr_schedule.warmup_steps") in done.stdout + done.stderr
 
 
 def test_import_and_export_commands(tmp_path):

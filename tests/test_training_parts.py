@@ -8,7 +8,7 @@ import torch
 
 from falcon_h1.data.sampler import MegatronPretrainingSampler
 from falcon_h1.training import checkpoint_io
-from falcon_h1.training.optim import LRSchedule, build_scheduler, falcon_h1_optimizer_config
+from falcon_h1.training.optim import LRSchedule, ScheduleSteps, build_scheduler, falcon_h1_optimizer_config
 
 
 def test_sampler_gives_each_rank_its_blocks_of_every_global_batch_and_resumes_mid_run():
@@ -34,36 +34,61 @@ class _Groups:
         self.param_groups = [{"params": []}]
 
 
-def lr_curve(schedule, steps=100, lr=1e-3):
-    config = falcon_h1_optimizer_config(lr=lr)
-    scheduler = build_scheduler(_Groups(), config, schedule, steps)
+def lr_curve(schedule, steps=100, lr=1e-3, **optimizer):
+    scheduler = build_scheduler(_Groups(), falcon_h1_optimizer_config(lr=lr, **optimizer), schedule, steps)
     curve = []
     for _ in range(steps):
         curve.append(scheduler.get_lr(scheduler.optimizer.param_groups[0]))
         scheduler.step(1)
-    return curve, config
+    return curve
 
 
 def test_wsd_warms_up_holds_then_decays_exponentially_to_lr_over_8():
-    curve, config = lr_curve(LRSchedule(warmup_steps=10, decay_style="WSD", wsd_decay_fraction=0.2))
+    curve = lr_curve(LRSchedule(warmup_steps=10, decay_style="WSD", wsd_decay_fraction=0.2))
     assert curve[0] == 0.0 and curve[5] == pytest.approx(5e-4)
     assert all(v == pytest.approx(1e-3) for v in curve[10:80])  # stable phase
     assert curve[99] < curve[90] < curve[81] < 1e-3  # decay over the last 20%
-    assert config.min_lr == pytest.approx(1e-3 / 8)
     assert curve[-1] == pytest.approx(1e-3 / 8 + (1e-3 - 1e-3 / 8) * (2 * 0.5 ** (19 / 20) - 1))
 
 
 def test_cosine_decays_from_the_peak_to_min_lr():
-    curve, config = lr_curve(LRSchedule(warmup_steps=0, decay_style="cosine"))
+    curve = lr_curve(LRSchedule(warmup_steps=0, decay_style="cosine"))
+    min_lr = 1e-3 / 8
     assert curve[0] == pytest.approx(1e-3)
-    assert curve[50] == pytest.approx(config.min_lr + 0.5 * (1e-3 - config.min_lr) * (1 + math.cos(math.pi / 2)))
+    assert curve[50] == pytest.approx(min_lr + 0.5 * (1e-3 - min_lr) * (1 + math.cos(math.pi / 2)))
+
+
+def test_warmup_and_decay_are_fractions_of_the_run_whatever_its_length():
+    schedule = LRSchedule(warmup_fraction=0.1, decay_style="WSD", wsd_decay_fraction=0.2)
+    for steps in (10, 100, 1000):
+        curve = lr_curve(schedule, steps=steps)
+        warmup, decay = round(0.1 * steps), round(0.2 * steps)
+        assert curve[warmup] == pytest.approx(1e-3) and all(v < 1e-3 for v in curve[:warmup])
+        assert curve[steps - decay] == pytest.approx(1e-3) and curve[steps - decay + 1] < 1e-3
+    assert schedule.steps(5) == ScheduleSteps(warmup=0, decay=5, wsd_decay=1)  # 0.5 warm-up steps round to 0
+    assert LRSchedule(warmup_fraction=0.9).steps(3).warmup == 2  # always below the horizon
+    assert LRSchedule(warmup_fraction=0.1, decay_steps=50).steps(1000) == ScheduleSteps(5, 50, 5)
+
+
+def test_min_lr_follows_lr_unless_set():
+    assert lr_curve(LRSchedule(warmup_steps=0, decay_style="linear"), steps=10, lr=2e-3)[-1] == pytest.approx(
+        2e-3 / 8 + (2e-3 - 2e-3 / 8) / 10)
+    curve = lr_curve(LRSchedule(warmup_steps=0, decay_style="linear"), steps=10, lr=2e-3, min_lr=0.0)
+    assert curve[-1] == pytest.approx(2e-3 / 10)  # an explicit min_lr, even 0, wins
+    with pytest.raises(ValueError, match="model.optimizer.min_lr=0.01 is above model.optimizer.lr=0.002"):
+        lr_curve(LRSchedule(), lr=2e-3, min_lr=1e-2)
 
 
 def test_schedule_refuses_a_warmup_past_the_decay_horizon():
-    with pytest.raises(ValueError, match="warmup_steps=100 must be below"):
+    with pytest.raises(ValueError, match=r"warmup_steps=100 must be below the decay horizon 100 "
+                                         r"\(trainer.max_steps\): lower model.lr_schedule.warmup_steps"):
         lr_curve(LRSchedule(warmup_steps=100))
+    with pytest.raises(ValueError, match="trainer.max_steps=-1"):
+        LRSchedule().steps(-1)
     with pytest.raises(ValueError, match="decay_style='step'"):
         LRSchedule(decay_style="step")
+    with pytest.raises(ValueError, match="warmup_fraction=1.0 must be in"):
+        LRSchedule(warmup_fraction=1.0)
 
 
 def test_replicated_rows_count_once_in_the_gradient_norm(single_rank):

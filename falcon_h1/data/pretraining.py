@@ -16,13 +16,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from falcon_h1.data.sampler import MegatronPretrainingSampler
 
+# Train, validation, test proportions of each dataset's documents, everywhere a split is not given
+# (the main job python -m falcon_h1.train, the recipes, PreTrainingDataModule).
+DEFAULT_SPLIT = "98,2,0"
+SPLIT_NAMES = ("training", "validation", "test")
+
 
 class _DatasetTokenizer:
     """What Megatron's GPTDataset needs of a tokenizer: the end-of-document id and vocabulary size."""
 
     def __init__(self, hf_tokenizer):
         self.eod = hf_tokenizer.eos_token_id
-        self.pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else -1
+        # Packed pretraining samples hold no padding; a pad id equal to the end-of-document one (GPT-2
+        # style tokenizers) would take document ends out of the loss (Megatron resets it, with a warning).
+        pad = hf_tokenizer.pad_token_id
+        self.pad = pad if pad is not None and pad != self.eod else -1
         self.vocab_size = len(hf_tokenizer)
         # Part of the description Megatron hashes to name its cached sample index.
         self.unique_identifiers = {"class": type(hf_tokenizer).__name__, "name": hf_tokenizer.name_or_path,
@@ -48,6 +56,42 @@ def parse_blend(paths) -> tuple[list[str], list[float] | None]:
     if paths and len(paths) % 2 == 0 and None not in weights:
         return [str(p) for p in paths[1::2]], weights
     return [str(p) for p in paths], None
+
+
+def split_ranges(split: str) -> list[tuple[float, float] | None]:
+    """Megatron's [begin, end) fraction of the documents of each split ("98,2,0" -> train
+    [0, .98), validation [.98, 1), no test)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+
+
+def documents_needed(ranges: list[tuple[float, float] | None]) -> int:
+    """The fewest documents that give each of `ranges` at least one, as Megatron rounds them."""
+    for count in range(1, 1_000_001):
+        if all(round(end * count) > round(begin * count) for begin, end in filter(None, ranges)):
+            return count
+    raise ValueError(f"a split fraction in {ranges} is too small to ever get a document")
+
+
+def check_split_sizes(prefixes: list[str], split: str, num_samples: tuple[int, int, int]) -> None:
+    """Every split the run reads must get a document of every dataset: Megatron would loop forever
+    filling a split's samples from none (megatron-core 0.19, GPTDataset._get_num_epochs)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ranges = [r if r is not None and samples > 0 else None for r, samples in zip(split_ranges(split), num_samples)]
+    for prefix in prefixes:
+        count = len(IndexedDataset(prefix).sequence_lengths)
+        empty = [name for name, r in zip(SPLIT_NAMES, ranges) if r and round(r[1] * count) <= round(r[0] * count)]
+        if empty:
+            fix = f", or data.split='{count - 1},1,0' (one validation document)" if count > 1 else ""
+            raise ValueError(
+                f"dataset {prefix!r} has {count} documents, too few for split={split!r}: its {' and '.join(empty)} "
+                f"split would get none. That split needs at least {documents_needed(ranges)} documents: add data"
+                f"{fix}")
 
 
 def check_dataset_prefixes(prefixes: list[str]) -> None:
@@ -120,28 +164,41 @@ class PreTrainingDataModule(_SizedDataModule):
         paths: a dataset prefix, a list of prefixes, Megatron's [weight, prefix, ...] blend, or a
             dict {"train": ..., "validation": ..., "test": ...} of those for separate splits.
         tokenizer_dir: the Hugging Face tokenizer the data was tokenized with.
-        split: train/validation/test proportions of each dataset (ignored with a dict of splits).
+        weights: blend weights of a list of prefixes, one each (default: by size).
+        split: train/validation/test proportions of each dataset's documents (ignored with a dict of
+            splits); every non-zero part must get a document of every dataset.
         seed: shuffling seed of the sample order.
         index_mapping_dir: where Megatron caches the sample index (default: next to the data).
         eod_mask_loss: do not train on predicting the token after an end-of-document.
     """
 
-    def __init__(self, paths, tokenizer_dir: str, seq_length: int = 2048, micro_batch_size: int = 1,
-                 global_batch_size: int = 8, split: str = "949,50,1", seed: int = 1234, num_workers: int = 0,
-                 index_mapping_dir: str | None = None, eod_mask_loss: bool = False):
+    def __init__(self, paths: list[str] | str | dict, tokenizer_dir: str, seq_length: int = 2048,
+                 micro_batch_size: int = 1, global_batch_size: int = 8, split: str = DEFAULT_SPLIT, seed: int = 1234,
+                 num_workers: int = 0, index_mapping_dir: str | None = None, eod_mask_loss: bool = False,
+                 weights: list[float] | None = None):
         super().__init__(seq_length, micro_batch_size, global_batch_size, num_workers)
+        if not tokenizer_dir:
+            raise ValueError("pretraining data needs the tokenizer it was made with: data.tokenizer_dir=DIR "
+                             "(on the command line: data=pretraining(paths=PREFIX,tokenizer=DIR))")
         self.paths = paths
         self.tokenizer_dir = str(tokenizer_dir)
         self.split = split
         self.seed = seed
         self.index_mapping_dir = index_mapping_dir
         self.eod_mask_loss = eod_mask_loss
-        self._blend, self._blend_per_split = self._parse_paths(paths)
+        self.weights = weights
+        self._blend, self._blend_per_split = self._parse_paths(paths, weights)
         self.tokenizer = None
 
     @staticmethod
-    def _parse_paths(paths):
+    def _parse_paths(paths, weights):
+        if not paths:
+            raise ValueError("no pretraining data: give data.paths=PREFIX (a dataset made by "
+                             "`python -m falcon_h1.data.preprocess`), or a list of them")
         if isinstance(paths, dict):
+            if weights is not None:
+                raise ValueError("data.weights blends a list of paths; with a dict of splits give each split "
+                                 "Megatron's [weight, prefix, ...] list")
             unknown = set(paths) - {"train", "validation", "test"}
             if unknown:
                 raise ValueError(f"data paths dict has unknown splits {sorted(unknown)}; use train, validation, test")
@@ -151,6 +208,14 @@ class PreTrainingDataModule(_SizedDataModule):
                     check_dataset_prefixes(blend[0])
             return None, per_split
         blend = parse_blend(paths)
+        if weights is not None:
+            if blend[1] is not None:
+                raise ValueError("blend weights are given twice: in data.paths ([weight, prefix, ...]) and in "
+                                 "data.weights; keep one")
+            if len(weights) != len(blend[0]):
+                raise ValueError(f"data.weights={list(weights)} has {len(weights)} values for {len(blend[0])} "
+                                 f"paths {blend[0]}: give one weight per path")
+            blend = (blend[0], [float(w) for w in weights])
         check_dataset_prefixes(blend[0])
         return blend, None
 
@@ -163,22 +228,33 @@ class PreTrainingDataModule(_SizedDataModule):
         if hasattr(self, "_train"):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        num_samples = self._num_samples()
+        if self._blend:  # (a dict of splits reads each dataset whole)
+            check_split_sizes(self._blend[0], self.split, num_samples)
         config = GPTDatasetConfig(
             random_seed=self.seed, sequence_length=self.seq_length, blend=self._blend,
             blend_per_split=self._blend_per_split, split=None if self._blend_per_split else self.split,
             tokenizer=_DatasetTokenizer(self.tokenizer), reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=self.eod_mask_loss, create_attention_mask=False, path_to_cache=self.index_mapping_dir,
+            eod_mask_loss=self.eod_mask_loss, create_attention_mask=False, path_to_cache=self._index_cache(),
             mmap_bin_files=True)
-        builder = BlendedMegatronDatasetBuilder(GPTDataset, list(self._num_samples()), lambda: True, config)
+        builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
         self._train, self._validation, self._test = builder.build()
         if self._train is None:
             raise ValueError(f"the data {self.paths!r} has no training split (split={self.split!r})")
 
+    def _index_cache(self) -> str | None:
+        """Megatron caches a dataset's sample index next to it by default (PREFIX/cache/), but a
+        blend's index nowhere, saying so on every run: give a blend the first dataset's."""
+        if self.index_mapping_dir is None and self._blend and len(self._blend[0]) > 1:
+            return os.path.join(self._blend[0][0], "cache")
+        return self.index_mapping_dir
+
 
 class MockDataModule(_SizedDataModule):
-    """Random token sequences (deterministic per sample index): for smoke tests and benchmarks."""
+    """Random token sequences (deterministic per sample index): for smoke tests and benchmarks.
+    vocab_size None: the vocabulary of the model being trained."""
 
-    def __init__(self, vocab_size: int, seq_length: int = 2048, micro_batch_size: int = 1,
+    def __init__(self, vocab_size: int | None = None, seq_length: int = 2048, micro_batch_size: int = 1,
                  global_batch_size: int = 8, seed: int = 1234, num_workers: int = 0):
         super().__init__(seq_length, micro_batch_size, global_batch_size, num_workers)
         self.vocab_size = vocab_size
@@ -186,6 +262,16 @@ class MockDataModule(_SizedDataModule):
         self.tokenizer = None
 
     def setup(self, stage: str = "") -> None:
+        model = getattr(self.trainer, "lightning_module", None)
+        model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if self.vocab_size is None:
+            if model_vocab is None:
+                raise ValueError("MockDataModule(vocab_size=None) takes the model's vocabulary, and this model has "
+                                 "no config.vocab_size: set data.vocab_size=N")
+            self.vocab_size = model_vocab
+        elif model_vocab is not None and self.vocab_size > model_vocab:
+            raise ValueError(f"data.vocab_size={self.vocab_size} exceeds the model's vocab_size={model_vocab}: "
+                             "leave data.vocab_size unset (the model's) or lower it")
         train, validation, test = self._num_samples()
         self._train = _RandomTokens(train, self.seq_length, self.vocab_size, self.seed)
         self._validation = _RandomTokens(validation, self.seq_length, self.vocab_size, self.seed + 1)

@@ -154,8 +154,9 @@ class SFTDataModule(_SizedDataModule):
         if hasattr(self, "_train"):
             return
         if not self.train_path:
-            raise ValueError("no SFT data: give the training jsonl (data.train_path=FILE, or data=FILE to a "
-                             "finetune recipe); each line {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]}")
+            raise ValueError("no SFT data: give the training jsonl (data=sft(path=FILE) on the command line, or "
+                             "data=FILE to a finetune recipe); each line {\"prompt\": ..., \"response\": ...} "
+                             "or {\"messages\": [...]}")
         if not self.tokenizer_dir:
             raise ValueError("no tokenizer for the SFT data: set data.tokenizer_dir (e.g. CHECKPOINT/context/tokenizer)")
         self.tokenizer = load_tokenizer(self.tokenizer_dir)

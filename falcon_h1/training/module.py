@@ -24,7 +24,13 @@ from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.packing import PackedDocuments
 from falcon_h1.training.grad_norm import count_replicated_rows_once
 from falcon_h1.training.grad_scale import FusedGradScale
-from falcon_h1.training.optim import LRSchedule, build_optimizer, build_scheduler, falcon_h1_optimizer_config
+from falcon_h1.training.optim import (
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    falcon_h1_optimizer_config,
+    resolved_min_lr,
+)
 
 # Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
 FIRST_STAGE_KEYS = ("tokens", "position_ids")
@@ -150,6 +156,11 @@ class FalconH1Module(pl.LightningModule):
         return self.chunks[0](input_ids, position_ids, labels=labels)
 
     # ---------------------------------------------------------------- optimization
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # a schedule that does not fit the run fails here, before the model is built
+            self.lr_schedule.steps(self.trainer.max_steps)
+            resolved_min_lr(self.optimizer_config)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config)

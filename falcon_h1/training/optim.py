@@ -15,18 +15,30 @@ DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 
 
+@dataclass(frozen=True)
+class ScheduleSteps:
+    """An LRSchedule's step counts for one run: warm-up, decay horizon, WSD's decay phase."""
+
+    warmup: int
+    decay: int
+    wsd_decay: int | None
+
+
 @dataclass
 class LRSchedule:
     """Learning rate over optimizer steps: linear warm-up from `init_lr` to the optimizer's `lr`,
     then `decay_style` down to the optimizer's `min_lr` at `decay_steps` (default: the run's
-    max_steps).
+    trainer.max_steps).
 
-    WSD (warmup-stable-decay, Falcon-H1's schedule) holds `lr` after the warm-up and decays only
-    over the last `wsd_decay_steps` (or `wsd_decay_fraction` of `decay_steps`), exponentially by
-    default as in the Falcon-H1 report (there: to lr / 8).
+    The warm-up is `warmup_fraction` of the decay horizon (Megatron's lr_warmup_fraction), so a
+    schedule fits a run of any length; `warmup_steps` sets it in steps instead and must then be
+    shorter than the horizon. WSD (warmup-stable-decay, Falcon-H1's schedule) holds `lr` after the
+    warm-up and decays only over the last `wsd_decay_steps` (or `wsd_decay_fraction` of the
+    horizon), exponentially by default as in the Falcon-H1 report (there: to lr / 8).
     """
 
-    warmup_steps: int = 0
+    warmup_fraction: float = 0.01
+    warmup_steps: int | None = None
     decay_style: str = "WSD"
     decay_steps: int | None = None
     init_lr: float = 0.0
@@ -39,25 +51,65 @@ class LRSchedule:
             raise ValueError(f"LRSchedule.decay_style={self.decay_style!r}: choose one of {DECAY_STYLES}")
         if self.wsd_decay_style not in WSD_DECAY_STYLES:
             raise ValueError(f"LRSchedule.wsd_decay_style={self.wsd_decay_style!r}: choose one of {WSD_DECAY_STYLES}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"LRSchedule.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if not 0.0 < self.wsd_decay_fraction <= 1.0:
             raise ValueError(f"LRSchedule.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
 
+    def steps(self, max_steps: int) -> ScheduleSteps:
+        """The schedule's step counts for a run of `max_steps` (trainer.max_steps)."""
+        decay = self.decay_steps or max_steps
+        if decay is None or decay <= 0:
+            raise ValueError(f"the LR schedule needs the run's length: trainer.max_steps={max_steps} "
+                             "(set trainer.max_steps=N, or model.lr_schedule.decay_steps=N)")
+        if self.warmup_steps is None:
+            warmup = min(round(self.warmup_fraction * decay), decay - 1)
+        elif self.warmup_steps >= decay:
+            horizon = "model.lr_schedule.decay_steps" if self.decay_steps else "trainer.max_steps"
+            raise ValueError(f"LRSchedule.warmup_steps={self.warmup_steps} must be below the decay horizon {decay} "
+                             f"({horizon}): lower model.lr_schedule.warmup_steps, or unset it "
+                             f"(model.lr_schedule.warmup_steps=None) to warm up over "
+                             f"warmup_fraction={self.warmup_fraction} of the run")
+        else:
+            warmup = self.warmup_steps
+        wsd = None
+        if self.decay_style == "WSD":
+            wsd = self.wsd_decay_steps or max(1, round(self.wsd_decay_fraction * decay))
+            wsd = min(wsd, decay - warmup)
+        return ScheduleSteps(warmup, decay, wsd)
+
+
+# Falcon-H1's AdamW (falcon_h1_reference.md), the one place recipes and code take it from. The
+# schedule ends at lr / MIN_LR_DIVISOR unless the optimizer's min_lr is set.
+ADAMW = dict(optimizer="adam", adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+             use_distributed_optimizer=True)
+MIN_LR_DIVISOR = 8
+
 
 def falcon_h1_optimizer_config(lr: float = 3e-4, **overrides) -> OptimizerConfig:
-    """Megatron's OptimizerConfig with Falcon-H1's AdamW settings (betas 0.9/0.95, clip 1.0, the
-    schedule ending at lr / 8). Precision fields (bf16, params_dtype) are filled in from the model
-    config when the optimizer is built."""
-    settings = dict(optimizer="adam", lr=lr, min_lr=lr / 8, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                    adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=True)
+    """Megatron's OptimizerConfig with Falcon-H1's AdamW settings (betas 0.9/0.95, clip 1.0, weight
+    decay 0.1, the schedule ending at lr / 8 while min_lr is None). Precision fields (bf16,
+    params_dtype) are filled in from the model config when the optimizer is built."""
+    settings = dict(ADAMW, lr=lr, weight_decay=0.1)
     settings.update(overrides)
     return OptimizerConfig(**settings)
+
+
+def resolved_min_lr(optimizer_config: OptimizerConfig) -> float:
+    """The LR the schedule ends at: the config's min_lr if set, else its lr / 8 (so it follows lr)."""
+    if optimizer_config.min_lr is None:
+        return optimizer_config.lr / MIN_LR_DIVISOR
+    if optimizer_config.min_lr > optimizer_config.lr:
+        raise ValueError(f"model.optimizer.min_lr={optimizer_config.min_lr} is above model.optimizer.lr="
+                         f"{optimizer_config.lr}: lower it, or unset it (None: lr / {MIN_LR_DIVISOR})")
+    return optimizer_config.min_lr
 
 
 def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_config):
     """Megatron's optimizer over DDP-wrapped model chunks, its precision taken from the model."""
     optimizer_config = dataclasses.replace(
         optimizer_config, bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
-        min_lr=optimizer_config.min_lr or 0.0)
+        min_lr=resolved_min_lr(optimizer_config))  # copied into every param group: the schedule reads it there
     use_foreach_grad_norm()
     optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -114,26 +166,19 @@ def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:
 def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: LRSchedule,
                     max_steps: int) -> OptimizerParamScheduler:
     """Megatron's OptimizerParamScheduler for `schedule` over a run of `max_steps` steps."""
-    decay_steps = schedule.decay_steps or max_steps
-    if schedule.warmup_steps >= decay_steps:
-        raise ValueError(f"LRSchedule.warmup_steps={schedule.warmup_steps} must be below the decay horizon "
-                         f"{decay_steps} (LRSchedule.decay_steps or trainer.max_steps)")
-    wsd_steps = None
-    if schedule.decay_style == "WSD":
-        wsd_steps = schedule.wsd_decay_steps or max(1, round(schedule.wsd_decay_fraction * decay_steps))
-        wsd_steps = min(wsd_steps, decay_steps - schedule.warmup_steps)
+    steps = schedule.steps(max_steps)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=schedule.init_lr,
         max_lr=optimizer_config.lr,
-        min_lr=optimizer_config.min_lr or 0.0,
-        lr_warmup_steps=schedule.warmup_steps,
-        lr_decay_steps=decay_steps,
+        min_lr=resolved_min_lr(optimizer_config),
+        lr_warmup_steps=steps.warmup,
+        lr_decay_steps=steps.decay,
         lr_decay_style=schedule.decay_style,
         start_wd=optimizer_config.weight_decay,
         end_wd=optimizer_config.weight_decay,
-        wd_incr_steps=decay_steps,
+        wd_incr_steps=steps.decay,
         wd_incr_style="constant",
-        wsd_decay_steps=wsd_steps,
+        wsd_decay_steps=steps.wsd_decay,
         lr_wsd_decay_style=schedule.wsd_decay_style,
     )
