@@ -18,10 +18,10 @@ NAMESPACE = "falcon"
 
 def main(argv: list[str] | None = None) -> int:
     import os
-    import warnings
 
     os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
-    warnings.filterwarnings("ignore")
+    # torchrun's agent logs at nemo-run's default level INFO: ~45 lines of rendezvous details a run.
+    os.environ.setdefault("LOGLEVEL", "WARNING")
     from nemo_run.cli.api import _add_typer_nested, list_entrypoints
     from typer import Typer
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # sys.argv stays as the user typed it: Lightning starts the other processes of a multi-device
         # run (trainer.devices=N without an executor) by re-running it.
-        status = app(args=[NAMESPACE, *args], prog_name="falcon-h1", standalone_mode=False)  # nemo-run's errors end as typer.Exit(1): returned here
+        # nemo-run's errors end as typer.Exit(1): returned here.
+        status = app(args=[NAMESPACE, *args], prog_name="falcon-h1", standalone_mode=False)
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 1
     except Exception as error:  # click usage errors (an unknown command, a bad option)

@@ -10,9 +10,7 @@ runs this same command (e.g. `torchrun --nproc-per-node 2 -m falcon_h1.train --t
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,7 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--seq-length", type=int, default=128)
     data.add_argument("--micro-batch-size", type=int, default=8)
     data.add_argument("--global-batch-size", type=int, default=16)
-    data.add_argument("--split", default="98,2,0", help="train,validation,test proportions")
+    data.add_argument("--split", default="98,2,0", help="train,validation,test proportions of --data "
+                                                        "(the bundled corpus has its own validation files)")
     run = parser.add_argument_group("run")
     run.add_argument("--max-steps", type=int, default=300)
     run.add_argument("--log-dir", default="runs/tiny", help="checkpoints, TensorBoard logs and the loss plot")
@@ -58,20 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def quiet_library_chatter() -> None:
-    """The command's output is its progress lines; silence notices users cannot act on."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|full scope|weights_only|dataloader_iter"
-                                              "|sync_dist|LeafSpec|MimoModelConfig|Could not determine rank"
-                                              "|The .grad attribute of a Tensor that is not a leaf).*")
-    for name in ("megatron.core.distributed.distributed_data_parallel",  # layout auto-computed: fine
-                 "megatron.core.dist_checkpointing.strategies.torch"):  # Megatron's async writer: intended
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_library_chatter()
     from falcon_h1.training.checkpoint_io import CheckpointError
 
     try:
@@ -105,13 +92,13 @@ def train(args: argparse.Namespace) -> int:
         tokenizer_dir = args.tokenizer
     else:
         corpus = default_corpus()
-        data = PreTrainingDataModule(corpus.prefix, corpus.tokenizer_dir, split=args.split, **batch)
+        data = PreTrainingDataModule(corpus.paths, corpus.tokenizer_dir, **batch)
         tokenizer_dir = corpus.tokenizer_dir
 
     module = FalconH1Module(
         config, falcon_h1_optimizer_config(lr=args.lr),
-        LRSchedule(warmup_steps=args.warmup_steps if args.warmup_steps is not None else args.max_steps // 10,
-                   decay_style=args.lr_decay), tokenizer_dir=tokenizer_dir)
+        LRSchedule(warmup_fraction=0.1, warmup_steps=args.warmup_steps, decay_style=args.lr_decay),
+        tokenizer_dir=tokenizer_dir)
     strategy = MegatronStrategy(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
         virtual_pipeline_model_parallel_size=args.vpp, context_parallel_size=args.cp,
@@ -122,14 +109,7 @@ def train(args: argparse.Namespace) -> int:
         checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=args.keep_last)
     resume = AutoResume(resume_if_exists=not args.no_resume, resume_from_path=args.resume_from,
                         restore_weights_from=args.restore_weights_from)
-    result = pretrain(module, data, trainer, resume)
-    if trainer.is_global_zero:
-        losses = ", ".join(f"{name} {value:.4f}" for name, value in
-                           (("train loss", result.train_loss), ("validation loss", result.val_loss)) if value is not None)
-        print(f"\ntrained Falcon-H1 '{args.preset}' to step {result.global_step}: {losses}")
-        print(f"checkpoint:  {result.checkpoint}")
-        print(f"TensorBoard: tensorboard --logdir {result.log_dir / 'tensorboard'}")
-        print(f"loss plot:   {result.loss_plot}")
+    pretrain(module, data, trainer, resume)  # prints the header, progress and where the results are
     return 0
 
 

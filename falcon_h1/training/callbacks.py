@@ -193,7 +193,7 @@ class ThroughputMonitor(pl.Callback):
         return metrics
 
 
-def _human(value: float) -> str:
+def human_number(value: float) -> str:
     """10500 -> '10.5k', 2.3e6 -> '2.3M'."""
     for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= scale:
@@ -246,7 +246,7 @@ class ProgressPrinter(pl.Callback):
         if monitor is not None:
             throughput = monitor.average_metrics or monitor.last_metrics
             if "throughput/tokens_per_sec_per_gpu" in throughput:
-                parts.append(f"{_human(throughput['throughput/tokens_per_sec_per_gpu'])} tok/s/gpu")
+                parts.append(f"{human_number(throughput['throughput/tokens_per_sec_per_gpu'])} tok/s/gpu")
             if "throughput/tflops_per_gpu" in throughput:
                 parts.append(f"{_tflops_text(throughput['throughput/tflops_per_gpu'])} TFLOP/s/gpu")
             if "throughput/mfu" in throughput:
@@ -354,7 +354,7 @@ class LossPlot(pl.Callback):
         last_step = max([*self.train, *self.validation], default=0)
         title = self.model_name or "loss"
         if self._tokens_per_step:
-            title += f", {_human(last_step * self._tokens_per_step)} tokens"
+            title += f", {human_number(last_step * self._tokens_per_step)} tokens"
         return title
 
 

@@ -46,6 +46,12 @@ class MegatronCheckpoint(pl.Callback):
         if self.save_at_start and trainer.global_step == 0:
             self.save(trainer, weights_only=True)  # there is no optimizer state yet
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """Lightning has restored `trainer.ckpt_path` (model, optimizer, loops, data position): say so
+        before the first step."""
+        if trainer.is_global_zero:
+            print(resumed_line(trainer.ckpt_path), flush=True)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trainer.strategy.finalize_pending_saves()
         step = trainer.global_step
@@ -71,6 +77,13 @@ class MegatronCheckpoint(pl.Callback):
             if self.keep_last_k is not None:
                 for old in checkpoint_io.complete_checkpoints(self.dirpath)[:-self.keep_last_k]:
                     checkpoint_io.remove_checkpoint(old)
+
+
+def resumed_line(path: str | Path) -> str:
+    """`resumed from PATH (step N, consumed_samples M)`, from the checkpoint's context/run.json."""
+    _, run_info = checkpoint_io.read_context(path)
+    return (f"resumed from {Path(path).absolute()} (step {run_info.get('global_step')}, "
+            f"consumed_samples {run_info.get('consumed_samples')})")
 
 
 @dataclass
