@@ -15,6 +15,7 @@
 - without `-y` and without a terminal to answer "Continue?", the command says to add `-y`.
 """
 
+import copy
 import logging
 import os
 import sys
@@ -40,10 +41,12 @@ class TaskFailed(RunContextError):
 
 class FalconRunContext(RunContext):
     def parse_fn(self, fn, args, **default_kwargs):
-        task = self._parse(fn, args, **default_kwargs)
-        if args:  # `data=NAME` on the command line keeps the recipe's sizes that it does not set
-            inherit_data_sizes(task, self._parse(fn, [], **default_kwargs))
-        return task
+        if not args:
+            return self._parse(fn, args, **default_kwargs)
+        # A copy: nemo-run's YAML loader hands out the same objects again on the next load.
+        recipe = copy.deepcopy(self._parse(fn, [], **default_kwargs))
+        # `data=NAME` on the command line keeps the recipe's sizes that it does not set.
+        return inherit_data_sizes(self._parse(fn, args, **default_kwargs), recipe)
 
     def _parse(self, fn, args, **default_kwargs):
         if not self.yaml or Path(self.yaml).suffix.lower() not in (".yaml", ".yml"):
