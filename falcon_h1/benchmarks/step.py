@@ -171,7 +171,7 @@ def bench_training_step(preset: str = "1.5b", seq_length: int = 4096, micro_batc
         global_batch = micro_batch_size * data_parallel * micro_batches
         data = MockDataModule(config.vocab_size, seq_length, micro_batch_size, global_batch)
         module = FalconH1Module(config, falcon_h1_optimizer_config(lr=1e-5),
-                                LRSchedule(warmup_steps=1, decay_style="constant"))
+                                LRSchedule(warmup_fraction=0.0, decay_style="constant"))
         pretrain(module, data, trainer, AutoResume(resume_if_exists=False))
     # The profiled step, and the next one (which the profiler's report delays), are left out.
     profiled = (warmup + 1, warmup + 2) if profiler else ()
