@@ -43,9 +43,6 @@ def _ignore(message: str, module: str) -> None:
 
 def quiet_third_party_notices() -> None:
     """Filter the notices below in this process (idempotent)."""
-    # In Jupyter without ipywidgets, Lightning's import of tqdm.auto asks for them: falcon_h1's progress
-    # is plain lines (Lightning's bar is off) and tqdm's text bars work without widgets.
-    _ignore(r"IProgress not found", r"tqdm\.")
     # Optional fused kernels: falcon_h1 runs torch's fused Adam and its own Triton kernels without them.
     _ignore(r"(Transformer Engine and )?Apex (is|are) not installed", r"megatron\.")
     # Megatron's own default cuda_graph_modules="full" raises its own deprecation at every config.
