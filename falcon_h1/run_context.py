@@ -107,7 +107,6 @@ def inherit_data_sizes(task, recipe):
     return task
 
 
-
 def _names_processes(args: list[str], prefix: str, fields) -> bool:
     """Whether one of `args` (KEY=VALUE overrides) sets one of `prefix` + `fields`."""
     keys = {arg.split("=", 1)[0].strip() for arg in args}

@@ -29,16 +29,18 @@ def single_rank():
     dist.destroy_process_group()
 
 
-def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) -> tuple[int, str]:
-    """Run `cmd` in its own session and return (exit code, output). Output goes through a file,
-    not a pipe, and the whole session is killed afterwards: a SIGKILLed trainer leaves
-    checkpoint-writer helper processes behind that would otherwise hold a pipe open."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+def run_session(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | None, str]:
+    """Run `cmd` in its own session and return (exit code, output); the code is None when it ran
+    past `timeout`. Output goes through a file, not a pipe, and the whole session is killed
+    afterwards: a SIGKILLed trainer leaves checkpoint-writer helper processes behind that would
+    otherwise hold a pipe open."""
     with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -46,6 +48,14 @@ def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) 
                 pass
         output.seek(0)
         return code, output.read()
+
+
+def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) -> tuple[int, str]:
+    """run_session from the repository, Python warnings off; running past `timeout` raises."""
+    code, output = run_session(cmd, REPO, dict(os.environ, PYTHONWARNINGS="ignore", **(env or {})), timeout)
+    if code is None:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=output)
+    return code, output
 
 
 def step_records(record: Path) -> dict[int, dict]:

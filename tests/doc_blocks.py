@@ -12,12 +12,13 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from markdown_it import MarkdownIt
+
+from tests.conftest import run_session
 
 LANGUAGES = ("bash", "python", "text")  # text: output, listings, formulas (never run)
 RUNNABLE = ("bash", "python")
@@ -139,21 +140,10 @@ def run_block(block: Block, cwd: Path, script_dir: Path, env: dict[str, str], ti
         script.write_text(block.code)
         command = ["python", str(script)]
     start, cpu_start = time.monotonic(), children_cpu_seconds()
-    with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = -signal.SIGKILL
-            output.write(f"\ndoc-test: timed out after {timeout:.0f} s\n")
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        output.seek(0)
-        return BlockRun(code, output.read(), time.monotonic() - start, children_cpu_seconds() - cpu_start)
+    code, output = run_session(command, cwd, env, timeout)
+    if code is None:
+        code, output = -signal.SIGKILL, output + f"\ndoc-test: timed out after {timeout:.0f} s\n"
+    return BlockRun(code, output, time.monotonic() - start, children_cpu_seconds() - cpu_start)
 
 
 def children_cpu_seconds() -> float:
