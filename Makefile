@@ -6,7 +6,12 @@ PYTHON ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/py
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test gpu-wheels
+.PHONY: run test gpu-wheels system-packages
+
+# Debian packages of the Slurm tests: a one-node Slurm cluster (slurm-wlm, munge) and a login node
+# over SSH (openssh-server, rsync) on 127.0.0.1. Installed when missing on a Debian machine where
+# this is root (CI); elsewhere those tests say why they skip.
+SYSTEM_PACKAGES := slurm-wlm munge openssh-server rsync
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +23,17 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(PY) -m falcon_h1.train
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q
+system-packages:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; \
+	fi
+
+# Two workers (CI has 2 cores; most tests wait on process start-up more than on compute), each
+# test file whole on one worker: the Slurm and SSH services a file starts serve only its tests.
+test: $(VENV)/.installed system-packages
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Wheels the GPU machine image lacks (megatron-core, mamba-ssm, causal-conv1d, fiddle), into .whl/.
 gpu-wheels: $(VENV)/.installed

@@ -55,6 +55,10 @@ def quiet_third_party_notices() -> None:
     # comment says so); on CPU the read goes through cpu_compat's TorchFunctionMode.
     _ignore(r"The \.grad attribute of a Tensor that is not a leaf Tensor",
             r"(megatron\.core\.optimizer|falcon_h1\.cpu_compat)")
+    # Lightning looks for `srun` on PATH at every start and, on a machine with Slurm's clients (a
+    # login node), tells a run outside a Slurm job to use it. Slurm jobs go through the executors
+    # (falcon_h1.slurm), whose srun starts every task.
+    _ignore(r"The `srun` command is available on your system but is not used", r"lightning_fabric\.")
     # Megatron reads checkpoints with torch's loader in single-process mode on purpose (no_dist=True:
     # every rank reads its own shards), passing the reader positionally, into ShardedTensors.
     _ignore(r"torch\.distributed is disabled, unavailable or uninitialized", r"torch\.distributed\.checkpoint")

@@ -12,6 +12,9 @@
   `trainer.devices` / `trainer.num_nodes`) sets the other side; named on both sides and different,
   the command fails at once naming both;
 - the resolved config is printed with `--dryrun` or `--verbose`, not before every run;
+- a Slurm job is named after the recipe, and the command follows it to its end (its state, its
+  log as it grows) and exits non-zero, naming the log, unless it ends COMPLETED (`--detach`:
+  submit and return);
 - without `-y` and without a terminal to answer "Continue?", the command says to add `-y`.
 """
 
@@ -30,6 +33,8 @@ import nemo_run as run
 from nemo_run.cli.api import RunContext, RunContextError
 from nemo_run.cli.cli_parser import parse_cli_args, type_parser
 from nemo_run.cli.config import ConfigSerializer
+
+from falcon_h1.slurm import SubmitError, name_job, submit
 
 # nemo-run 0.11 parses typing.Union / Optional but not the `int | None` unions of our signatures.
 type_parser.register_parser(types.UnionType)(lambda value, annotation: type_parser.parse_union(value, annotation))
@@ -58,13 +63,27 @@ class FalconRunContext(RunContext):
         return parse_cli_args(task, args) if args else task
 
     def parse_args(self, args, lazy: bool = False):
-        self.run_args = list(args)  # the `run.*` arguments as typed: which executor fields the user named
-        return super().parse_args(args, lazy)
+        # nemo-run reads `executor=NAME` only up to the next "=", which cuts a factory call such as
+        # `executor=slurm(account=proj)`: the executor is parsed here, the rest by nemo-run.
+        call = next((arg.split("=", 1)[1] for arg in reversed(args) if arg.startswith("executor=")), None)
+        fields = [arg[len("executor."):] for arg in args if arg.startswith("executor.")]
+        # The executor's settings as typed (fields, and the factory call's arguments): which the user named.
+        self.run_args = [*(f"executor.{name}=" for name in call_arguments(call)), *args]
+        if call is None:
+            return super().parse_args(args, lazy)
+        remaining = super().parse_args([arg for arg in args if not arg.startswith("executor")], lazy)
+        self.executor = fdl.build(self.parse_executor(call, *fields))
+        return remaining
 
     def _execute_task(self, fn, task_args):
         if self.repl or any([self.to_yaml, self.to_toml, self.to_json]):
             return super()._execute_task(fn, task_args)
         task = self.parse_fn(fn, task_args)
+        if self.name == fn.__name__ and self.factory:  # no --name: the recipe's name
+            self.name = self.factory.split("(")[0].strip()
+        if isinstance(self.executor, run.SlurmExecutor):
+            check_slurm_executor(self.executor)
+            name_job(self.executor, self.name)  # the sbatch of --dryrun shows it too
         if self.executor is not None and getattr(task, "trainer", None) is not None:
             match_processes(task.trainer, self.executor, self.run_args, task_args, self.factory)
         # nemo-run keeps its --verbose flag only as the level of the torchx logger.
@@ -78,6 +97,8 @@ class FalconRunContext(RunContext):
             raise RunContextError("there is no terminal to answer 'Continue?': add -y to run without asking")
         if not self._should_continue(self.skip_confirmation):
             return
+        if isinstance(self.executor, run.SlurmExecutor):
+            return self._submit_to_slurm(task)
         watch = not self.detach and isinstance(self.executor, run.LocalExecutor)
         started = time.time()
         run.run(task, name=self.name, executor=self.executor, plugins=self.plugins,
@@ -86,6 +107,26 @@ class FalconRunContext(RunContext):
             result = completion_file(task)
             if result is not None and (not result.exists() or result.stat().st_mtime < started):
                 raise TaskFailed(f"the {self.name} task failed: it did not write {result}; its log is above")
+
+    def _submit_to_slurm(self, task) -> None:
+        try:
+            ended = submit(task, self.executor, self.name, detach=self.detach)
+        except SubmitError as error:
+            raise RunContextError(str(error)) from None
+        if ended is not None and ended.state != "COMPLETED":
+            raise TaskFailed(f"Slurm job {ended.job_id} ({self.name}) ended {ended.state} (exit code {ended.exit_code}); "
+                             f"its log: {ended.log}")
+        if ended is not None:
+            print(f"[slurm] job {ended.job_id} completed; its log: {ended.log}", flush=True)
+
+
+def check_slurm_executor(executor) -> None:
+    """The job must find the project where it runs: a venv to activate or an image that has it."""
+    if not executor.container_image and not executor.setup_lines:
+        raise RunContextError(
+            "the Slurm job has no environment with falcon-h1 installed: name the cluster's virtual environment, "
+            "run.executor=slurm(venv=/path/to/.venv), or an image that has the project, "
+            "run.executor.container_image=IMAGE (docs/recipes.md, 'Running on Slurm')")
 
 
 # What a data module takes from its recipe: a data factory on the command line (`data=mock`) does
@@ -113,21 +154,24 @@ def _names_processes(args: list[str], prefix: str, fields) -> bool:
     return any(prefix + field in keys for field in fields)
 
 
-def _factory_names_processes(factory: str | None) -> bool:
-    """Whether a recipe factory call such as "tiny(num_gpus_per_node=2)" sets the process count."""
-    return bool(factory) and any(f"{name}=" in factory for name in ("num_gpus_per_node", "num_nodes"))
+def call_arguments(call: str | None) -> list[str]:
+    """The keyword arguments a factory call names: "tiny(num_nodes=2,dir=x)" -> ["num_nodes", "dir"]."""
+    if not call or "(" not in call:
+        return []
+    inside = call[call.index("(") + 1:call.rindex(")") if ")" in call else len(call)]
+    return [part.split("=", 1)[0].strip() for part in inside.split(",") if "=" in part]
 
 
 def match_processes(trainer, executor, run_args: list[str], task_args: list[str], factory: str | None) -> None:
     """Make the trainer's devices x num_nodes equal the executor's tasks per node x nodes. The side
     the command line named sets the other (the trainer, i.e. the recipe, when neither was named);
     both named and different is an error, raised before anything launches."""
-    if _names_processes(run_args, "executor.", ("gpus_per_node",)) and \
-            not _names_processes(run_args, "executor.", ("ntasks_per_node",)):
+    if getattr(executor, "gpus_per_node", None) and _names_processes(run_args, "executor.", ("gpus_per_node",)) \
+            and not _names_processes(run_args, "executor.", ("ntasks_per_node",)):
         executor.ntasks_per_node = executor.gpus_per_node  # Slurm: one task per GPU
-    executor_named = _names_processes(run_args, "executor.", ("ntasks_per_node", "nodes", "gpus_per_node"))
+    executor_named = _names_processes(run_args, "executor.", ("ntasks_per_node", "nodes", "gpus_per_node", "devices"))
     trainer_named = _names_processes(task_args, "trainer.", ("devices", "num_nodes")) or \
-        _factory_names_processes(factory)
+        bool({"num_gpus_per_node", "num_nodes"} & set(call_arguments(factory)))
     for trainer_field, executor_field in (("devices", "ntasks_per_node"), ("num_nodes", "nodes")):
         ours, theirs = getattr(trainer, trainer_field), getattr(executor, executor_field)
         if trainer_named and executor_named and ours != theirs:
@@ -140,6 +184,8 @@ def match_processes(trainer, executor, run_args: list[str], task_args: list[str]
             setattr(executor, executor_field, ours)
     if getattr(executor, "gpus_per_node", None):  # Slurm: one GPU per task
         executor.gpus_per_node = executor.ntasks_per_node
+    elif hasattr(executor, "gpus_per_node"):  # gpus_per_node=0: CPU tasks, no GPU request
+        executor.gpus_per_node = None
 
 
 def completion_file(task) -> Path | None:

@@ -4,11 +4,18 @@
     falcon-h1 pretrain --factory falcon_h1_7b run.executor=slurm run.executor.account=ACC ...
 
 On the command line an executor is chosen with `run.executor=local` / `run.executor=slurm`; the
-factory's arguments are set as `run.executor=local(devices=2)`, the executor's own fields as
-`run.executor.FIELD=VALUE` (e.g. `run.executor.ntasks_per_node=2`).
+factory's arguments are set as `run.executor=slurm(account=ACC,nodes=2)`, the executor's own fields
+as `run.executor.FIELD=VALUE` (e.g. `run.executor.time=08:00:00`).
+
+A Slurm job runs the project where it is installed: the virtual environment `venv` (the one this
+command runs from, by default, for `slurm`: login and compute nodes share the file system) or
+`container_image`, an image with the project installed (docs/recipes.md, "Running on Slurm"). No
+code is copied into the job. It runs in `workdir`, so relative paths in the recipe (`runs/NAME`,
+data prefixes) are those of the directory the command was typed in.
 """
 
 import os
+import shlex
 import sys
 
 import nemo_run as run
@@ -23,6 +30,11 @@ def use_this_pythons_torchrun() -> None:
     os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
 
 
+def this_venv() -> str | None:
+    """The virtual environment this Python runs in, if any."""
+    return sys.prefix if sys.prefix != sys.base_prefix else None
+
+
 @run.cli.factory(name="local")
 def local_executor(devices: int = 1, env_vars: dict[str, str] | None = None) -> run.Config[run.LocalExecutor]:
     """torchrun with `devices` processes on this machine (one per GPU; on a machine without a
@@ -31,37 +43,54 @@ def local_executor(devices: int = 1, env_vars: dict[str, str] | None = None) -> 
                       env_vars={**NCCL_ENV, **(env_vars or {})})
 
 
-def _slurm(tunnel: run.Config, account: str, partition: str | None, nodes: int, gpus_per_node: int, time: str,
+def _slurm(tunnel: run.Config, account: str, partition: str | None, nodes: int, gpus_per_node: int,
+           ntasks_per_node: int | None, time: str, venv: str | None, workdir: str | None,
            container_image: str | None, container_mounts: list[str] | None,
            env_vars: dict[str, str] | None) -> run.Config[run.SlurmExecutor]:
+    # One task per GPU; on nodes without GPUs (gpus_per_node=0) `ntasks_per_node` tasks on the CPU.
+    ntasks = ntasks_per_node or gpus_per_node or 1
     return run.Config(
-        run.SlurmExecutor, account=account, partition=partition, nodes=nodes, ntasks_per_node=gpus_per_node,
-        gpus_per_node=gpus_per_node, time=time, container_image=container_image,
-        container_mounts=list(container_mounts or []), tunnel=tunnel, packager=run.Config(run.GitArchivePackager),
-        env_vars={**NCCL_ENV, **(env_vars or {})}, exclusive=True, mem="0")
+        # No account: the cluster's default (nemo-run would send an empty --account). nemo-run names
+        # a job ACCOUNT-ACCOUNT.TASK unless given a prefix; the falcon-h1 command names it after the recipe.
+        run.SlurmExecutor, account=account or None, job_name_prefix="falcon-h1.", partition=partition, nodes=nodes, ntasks_per_node=ntasks,
+        gpus_per_node=ntasks if gpus_per_node else None, time=time, container_image=container_image,
+        container_mounts=list(container_mounts or []), tunnel=tunnel,
+        # The project is installed where the job runs (venv or image): nothing to ship.
+        packager=run.Config(run.Packager),
+        setup_lines=f"source {shlex.quote(os.path.join(venv, 'bin', 'activate'))}" if venv and not container_image
+        else None,
+        srun_args=["--chdir", workdir] if workdir and not container_image else None,
+        env_vars={**NCCL_ENV, **(env_vars or {})}, exclusive=True, mem="0",
+        poll_estimated_start_time=False)  # the falcon-h1 command reports the job's state itself
 
 
 @run.cli.factory(name="slurm")
 def slurm_executor(account: str = "", partition: str | None = None, nodes: int = 1, gpus_per_node: int = 8,
-                   time: str = "04:00:00", container_image: str | None = None,
+                   ntasks_per_node: int | None = None, time: str = "04:00:00", venv: str | None = None,
+                   workdir: str | None = None, container_image: str | None = None,
                    container_mounts: list[str] | None = None, job_dir: str = "",
                    env_vars: dict[str, str] | None = None) -> run.Config[run.SlurmExecutor]:
     """An sbatch job submitted from this machine (a cluster login node): `nodes` x `gpus_per_node`
-    tasks, one per GPU, in `container_image` (e.g. an NGC PyTorch image with this project
-    installed) with `container_mounts` ("host:container"); job files go to `job_dir`. The code
-    travels as a `git archive` of HEAD. On the command line: run.executor=slurm
-    run.executor.account=ACC run.executor.nodes=2 run.executor.tunnel.job_dir=DIR ..."""
-    return _slurm(run.Config(run.LocalTunnel, job_dir=job_dir), account, partition, nodes, gpus_per_node, time,
-                  container_image, container_mounts, env_vars)
+    tasks, one per GPU (gpus_per_node=0: `ntasks_per_node` CPU tasks). The job activates `venv`
+    (default: the virtual environment of this command) or runs in `container_image` (an image
+    with the project installed; `container_mounts` "host:container"), in `workdir` (default: the
+    current directory). nemo-run's job files (sbatch script, logs) go under `job_dir` (default
+    ~/.nemo_run/experiments)."""
+    return _slurm(run.Config(run.LocalTunnel, job_dir=job_dir), account, partition, nodes, gpus_per_node,
+                  ntasks_per_node, time, venv or this_venv(), workdir or os.getcwd(), container_image,
+                  container_mounts, env_vars)
 
 
 @run.cli.factory(name="slurm_ssh")
-def slurm_ssh_executor(host: str = "", user: str = "", identity: str | None = None, account: str = "",
-                       partition: str | None = None, nodes: int = 1, gpus_per_node: int = 8, time: str = "04:00:00",
-                       container_image: str | None = None, container_mounts: list[str] | None = None,
-                       job_dir: str = "", env_vars: dict[str, str] | None = None) -> run.Config[run.SlurmExecutor]:
+def slurm_ssh_executor(host: str = "", user: str = "", identity: str | None = None, port: int | None = None,
+                       account: str = "", partition: str | None = None, nodes: int = 1, gpus_per_node: int = 8,
+                       ntasks_per_node: int | None = None, time: str = "04:00:00", venv: str | None = None,
+                       workdir: str | None = None, container_image: str | None = None,
+                       container_mounts: list[str] | None = None, job_dir: str = "",
+                       env_vars: dict[str, str] | None = None) -> run.Config[run.SlurmExecutor]:
     """Like `slurm`, submitted over SSH to `user@host` (key file `identity`), e.g. from a laptop
-    or notebook: run.executor=slurm_ssh run.executor.tunnel.host=login.cluster
-    run.executor.tunnel.user=me run.executor.tunnel.job_dir=/lustre/me/jobs ..."""
-    tunnel = run.Config(run.SSHTunnel, host=host, user=user, job_dir=job_dir, identity=identity)
-    return _slurm(tunnel, account, partition, nodes, gpus_per_node, time, container_image, container_mounts, env_vars)
+    or notebook. Paths are the cluster's: `venv` (or `container_image`) must be named, `job_dir`
+    is where job files go, and `workdir` (default: `job_dir`) where relative paths resolve."""
+    tunnel = run.Config(run.SSHTunnel, host=host, user=user, port=port, job_dir=job_dir, identity=identity)
+    return _slurm(tunnel, account, partition, nodes, gpus_per_node, ntasks_per_node, time, venv,
+                  workdir or job_dir or None, container_image, container_mounts, env_vars)

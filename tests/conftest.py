@@ -68,13 +68,19 @@ def step_records(record: Path) -> dict[int, dict]:
     return out
 
 
-def falcon_h1_cli(*args, tmp_path, timeout=600, threads: int | None = None) -> subprocess.CompletedProcess:
-    """The project's console script (`python -m falcon_h1.cli ARGS`) with its own nemo-run home
-    under tmp_path; `threads` caps OMP threads (for runs side by side on CI's 2 cores)."""
-    env = dict(os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore",
-               **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+def cli_env(tmp_path, base: dict | None = None, threads: int | None = None) -> dict[str, str]:
+    """The environment of a `falcon-h1` command in a test: its own nemo-run home under tmp_path;
+    `threads` caps OMP threads (for runs side by side on CI's 2 cores)."""
+    return dict(base or os.environ, NEMORUN_HOME=str(tmp_path / "nemorun"), COLUMNS="250", PYTHONWARNINGS="ignore",
+                **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+
+
+def falcon_h1_cli(*args, tmp_path, timeout=600, threads: int | None = None, cwd=REPO,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """The project's console script (`python -m falcon_h1.cli ARGS`) run in `cwd`, with cli_env
+    over `env` (default: this process's environment)."""
     return subprocess.run([sys.executable, "-m", "falcon_h1.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+                          cwd=cwd, env=cli_env(tmp_path, env, threads), timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def torchrun(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -151,22 +151,6 @@ def test_dryrun_with_the_local_executor_prints_the_torchrun_command(tmp_path):
     assert "Launching" not in done.stdout
 
 
-def test_dryrun_with_the_slurm_executor_shows_the_sbatch_script(tmp_path):
-    done = falcon_h1_cli(
-        "pretrain", "--factory", "falcon_h1_7b", "--dryrun", "run.executor=slurm", "run.executor.account=proj",
-        "run.executor.partition=batch", "run.executor.nodes=2", "run.executor.time=02:30:00",
-        "run.executor.container_image=nvcr.io/nvidia/pytorch:25.01-py3",
-        f"run.executor.tunnel.job_dir={tmp_path / 'jobs'}", tmp_path=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    script = [line.strip(" │") for line in done.stdout.splitlines()]
-    for expected in ("#SBATCH --account=proj", "#SBATCH --partition=batch", "#SBATCH --nodes=2",
-                     "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --time=02:30:00"):
-        assert expected in script, expected
-    words = " ".join(done.stdout.replace("│", " ").split())  # the srun line wraps on the console
-    assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in words
-    assert "srun" in words and "nemo_run.core.runners.fdl_runner" in words
-
-
 def test_tiny_pretrain_through_the_cli_then_its_yaml_gives_the_same_config(tmp_path):
     run_dir = tmp_path / "tiny"
     overrides = ["trainer.max_steps=5", f"trainer.log_dir={run_dir}", "trainer.val_check_interval=3",

@@ -119,8 +119,7 @@ def fused(rank=0, world=1):
     return loss.detach(), leaf.grad
 
 def rank_main(rank, world, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29641")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{path}.rendezvous", rank=rank, world_size=world)
     loss, grad = fused(rank, world)
     torch.save((loss, grad), f"{path}.{rank}")
     dist.destroy_process_group()

@@ -289,8 +289,8 @@ class LossPlot(pl.Callback):
 
     Output goes to `output_dir`, or the trainer's log directory. A `loss.csv` already there (a run
     being resumed) is read at fit start; this run's points replace earlier ones at the same step.
-    The CSV is rewritten after every validation so that a run that dies keeps its history for the
-    next; the PNG is drawn at the end of training. `self.plot_path` / `self.csv_path` say where.
+    The CSV is rewritten after every validation and at every checkpoint, so that a run that dies
+    keeps its history for the next; the PNG is drawn at the end of training. `self.plot_path` / `self.csv_path` say where.
 
     Validation losses are read from trainer.callback_metrics in `on_validation_end` (see the
     module docstring for why not `on_validation_epoch_end`); a module that logs val_loss only to
@@ -343,6 +343,12 @@ class LossPlot(pl.Callback):
 
     def record_validation(self, step: int, value: float) -> None:
         self.validation[step] = value
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        # The curve up to each checkpoint survives with it: a run that resumes there (a requeued
+        # Slurm job, a crash) continues the curve instead of starting it at its first new step.
+        if trainer.is_global_zero and self.csv_path is not None:
+            write_loss_csv(self.csv_path, self.train, self.validation)
 
     def on_train_end(self, trainer, pl_module):
         if not trainer.is_global_zero or self.csv_path is None:

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from falcon_h1.training import checkpoint_io
@@ -41,6 +42,14 @@ from falcon_h1.training.strategy import MegatronStrategy
 def default_devices() -> int:
     """Processes on this node: torchrun's local world size, else 1 (one GPU, or the CPU)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def slurm_environment() -> list[SLURMEnvironment]:
+    """In a Slurm job, Lightning's SLURM environment without its own requeue: that one, on SIGUSR1,
+    writes an hpc_ckpt_N.ckpt beside the run and requeues the job. Our jobs are submitted with
+    --requeue and resume from the latest MegatronCheckpoint (AutoResume) instead: one checkpoint
+    format, one place, and a save that is cut short never replaces a complete one."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | None = None,
@@ -74,7 +83,7 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
         devices=devices or default_devices(),
         num_nodes=num_nodes,
         strategy=strategy or MegatronStrategy(),
-        plugins=[MegatronMixedPrecision(precision)],
+        plugins=[MegatronMixedPrecision(precision), *slurm_environment()],
         max_steps=max_steps,
         max_epochs=-1,
         val_check_interval=min(val_check_interval, max_steps),
