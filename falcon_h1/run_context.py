@@ -114,8 +114,8 @@ class FalconRunContext(RunContext):
         except SubmitError as error:
             raise RunContextError(str(error)) from None
         if ended is not None and ended.state != "COMPLETED":
-            raise TaskFailed(f"Slurm job {ended.job_id} ({self.name}) ended {ended.state} (exit code {ended.exit_code}); "
-                             f"its log: {ended.log}")
+            raise TaskFailed(f"Slurm job {ended.job_id} ({self.name}) ended {ended.state} "
+                             f"(exit code {ended.exit_code}); its log: {ended.log}")
         if ended is not None:
             print(f"[slurm] job {ended.job_id} completed; its log: {ended.log}", flush=True)
 

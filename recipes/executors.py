@@ -52,9 +52,9 @@ def _slurm(tunnel: run.Config, account: str, partition: str | None, nodes: int, 
     return run.Config(
         # No account: the cluster's default (nemo-run would send an empty --account). nemo-run names
         # a job ACCOUNT-ACCOUNT.TASK unless given a prefix; the falcon-h1 command names it after the recipe.
-        run.SlurmExecutor, account=account or None, job_name_prefix="falcon-h1.", partition=partition, nodes=nodes, ntasks_per_node=ntasks,
-        gpus_per_node=ntasks if gpus_per_node else None, time=time, container_image=container_image,
-        container_mounts=list(container_mounts or []), tunnel=tunnel,
+        run.SlurmExecutor, account=account or None, job_name_prefix="falcon-h1.", partition=partition, nodes=nodes,
+        ntasks_per_node=ntasks, gpus_per_node=ntasks if gpus_per_node else None, time=time,
+        container_image=container_image, container_mounts=list(container_mounts or []), tunnel=tunnel,
         # The project is installed where the job runs (venv or image): nothing to ship.
         packager=run.Config(run.Packager),
         setup_lines=f"source {shlex.quote(os.path.join(venv, 'bin', 'activate'))}" if venv and not container_image

@@ -118,7 +118,8 @@ def test_a_slurm_ssh_job_requeued_mid_run_resumes_from_its_checkpoint_with_the_s
 
 @needs_slurm
 def test_a_job_whose_task_fails_ends_failed_and_the_command_exits_1_naming_its_log(cluster, tmp_path):
-    done = falcon_h1_cli(*TINY, "run.executor=slurm", *CPU_TASKS, "data=pretraining(paths=/missing/web,tokenizer=/missing/tok)",
+    done = falcon_h1_cli(*TINY, "run.executor=slurm", *CPU_TASKS,
+                         "data=pretraining(paths=/missing/web,tokenizer=/missing/tok)",
                          tmp_path=tmp_path, cwd=tmp_path, env=cluster.env, timeout=600)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert cluster.job(job_id_in(done.stdout))["JobState"] == "FAILED"
