@@ -29,6 +29,16 @@ def single_rank():
     dist.destroy_process_group()
 
 
+@pytest.fixture(autouse=True)
+def fresh_rendezvous_port():
+    """Lightning's in-process runs leave MASTER_ADDR/MASTER_PORT in os.environ. Left there, every
+    later run of this worker (in process, or a process it starts) would rendezvous on that one port,
+    a port of the ephemeral range that the other worker's connections may take in the meantime."""
+    yield
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+
+
 def run_session(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | None, str]:
     """Run `cmd` in its own session and return (exit code, output); the code is None when it ran
     past `timeout`. Output goes through a file, not a pipe, and the whole session is killed
