@@ -24,7 +24,10 @@ run: $(VENV)/.installed
 	$(PY) -m falcon_h1.train
 
 system-packages:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1; then \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $$missing (Debian packages of the Slurm tests)"; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null || \
 		{ apt-get update -q >/dev/null && apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; \
