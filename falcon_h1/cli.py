@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         status = app(args=[NAMESPACE, *args], prog_name="falcon-h1", standalone_mode=False)
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 1
+    except KeyboardInterrupt:  # Ctrl-C: what was stopped has said so
+        return 130
     except Exception as error:  # click usage errors (an unknown command, a bad option)
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -68,7 +68,11 @@ def submit(task, executor: run.SlurmExecutor, name: str, detach: bool = False, o
     if detach:
         print(f"[slurm] follow it with: squeue -j {job_id}; tail -f {folder}/log-{name}_{job_id}_0.out", file=out)
         return None
-    return follow(tunnel, job_id, folder, name, out=out)
+    try:
+        return follow(tunnel, job_id, folder, name, out=out)
+    except KeyboardInterrupt:  # the job is Slurm's now: stopping the follower does not stop it
+        print(f"\n[slurm] stopped following job {job_id}; it goes on (scancel {job_id} ends it)", file=out, flush=True)
+        raise
 
 
 def job_state(tunnel, job_id: str) -> JobState | None:
