@@ -8,7 +8,6 @@ environment, from directories that are not git repositories.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
