@@ -113,11 +113,12 @@ class FalconRunContext(RunContext):
             ended = submit(task, self.executor, self.name, detach=self.detach)
         except SubmitError as error:
             raise RunContextError(str(error)) from None
-        if ended is not None and ended.state != "COMPLETED":
+        if ended is None:  # --detach
+            return
+        if ended.state != "COMPLETED":
             raise TaskFailed(f"Slurm job {ended.job_id} ({self.name}) ended {ended.state} "
                              f"(exit code {ended.exit_code}); its log: {ended.log}")
-        if ended is not None:
-            print(f"[slurm] job {ended.job_id} completed; its log: {ended.log}", flush=True)
+        print(f"[slurm] job {ended.job_id} completed; its log: {ended.log}", flush=True)
 
 
 def check_slurm_executor(executor) -> None:

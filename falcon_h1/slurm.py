@@ -99,13 +99,15 @@ class LogFollower:
         self.tunnel, self.out = tunnel, out
         self.pattern = f"{folder}/log-{job_name}_{job_id}_*.out"
         self.printed: dict[str, int] = {}
+        self.seen: list[str] = []  # the log files of the last poll, in restart order
 
     def files(self) -> list[str]:
         listed = self.tunnel.run(f"ls -1 {self.pattern} 2>/dev/null", warn=True, hide=True).stdout.split()
         return sorted(listed, key=lambda path: int(path.rsplit("_", 1)[1].split(".")[0]))
 
     def poll(self) -> None:
-        for path in self.files():
+        self.seen = self.files()
+        for path in self.seen:
             offset = self.printed.get(path, 0)
             text = self.tunnel.run(f"tail -c +{offset + 1} {shlex.quote(path)}", warn=True, hide=True).stdout
             if text:
@@ -114,8 +116,8 @@ class LogFollower:
                 self.printed[path] = offset + len(text.encode())
 
     def latest(self) -> str:
-        files = self.files()
-        return files[-1] if files else self.pattern
+        """The log of the job's latest run, as of the last poll."""
+        return self.seen[-1] if self.seen else self.pattern
 
 
 def follow(tunnel, job_id: str, folder: str, job_name: str, poll_seconds: float = 3.0, out=sys.stdout) -> JobState:

@@ -47,6 +47,15 @@ def _sbin_path() -> str:
     return os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 
+def wait_for(condition, timeout: float, what: str, logs: str | os.PathLike = "") -> None:
+    """Poll `condition()` (which may raise to give up) until it is true, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}" + (f"; logs in {logs}" if logs else ""))
+        time.sleep(0.3)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -105,7 +114,7 @@ class LocalSlurm:
              f"--seed-file={directory / 'munged.seed'}"],
             user=munge.pw_uid, group=munge.pw_gid, stdout=subprocess.DEVNULL, stderr=open(self.root / "munged.out", "w"),
             start_new_session=True)
-        self._wait_for(self._munge_ready, 20, "munged to open its socket")
+        wait_for(self._munge_ready, 20, "munged to open its socket", self.root)
 
     def _munge_ready(self) -> bool:
         if self.processes["munged"].poll() is not None:
@@ -156,14 +165,7 @@ class LocalSlurm:
             shown = subprocess.run(["sinfo", "--noheader", "--format=%t"], env=self.env, capture_output=True,
                                    text=True)
             return shown.returncode == 0 and shown.stdout.strip() == "idle"
-        self._wait_for(idle, timeout, "the node to be idle in sinfo")
-
-    def _wait_for(self, condition, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f} s for {what}; logs in {self.root}")
-            time.sleep(0.5)
+        wait_for(idle, timeout, "the node to be idle in sinfo", self.root)
 
     def log_tail(self, daemon: str, lines: int = 20) -> str:
         for name in (f"{daemon}.log", f"{daemon}.out", f"munge/{daemon}.log"):

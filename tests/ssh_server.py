@@ -15,10 +15,9 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-from tests.slurm_cluster import free_port
+from tests.slurm_cluster import free_port, wait_for
 
 SSHD = "/usr/sbin/sshd"
 
@@ -54,14 +53,7 @@ class LocalSSHServer:
             self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.root / "sshd_config")],
                                             stdout=subprocess.DEVNULL, stderr=open(self.root / "sshd.log", "w"),
                                             start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while not self._answers():
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"sshd exited with {self.process.returncode}: "
-                                       f"{(self.root / 'sshd.log').read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"sshd did not accept a login in {timeout:.0f} s")
-                time.sleep(0.3)
+            wait_for(self._answers, timeout, "sshd to accept a login", self.root)
         except BaseException:
             self.stop()
             raise
@@ -105,6 +97,9 @@ class LocalSSHServer:
         wrapper.chmod(0o755)
 
     def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"sshd exited with {self.process.returncode}: "
+                               f"{(self.root / 'sshd.log').read_text()[-2000:]}")
         probe = subprocess.run(["ssh", f"{self.user}@127.0.0.1", "true"], env=self.client_env,
                                capture_output=True, timeout=20)
         return probe.returncode == 0

@@ -290,7 +290,8 @@ class LossPlot(pl.Callback):
     Output goes to `output_dir`, or the trainer's log directory. A `loss.csv` already there (a run
     being resumed) is read at fit start; this run's points replace earlier ones at the same step.
     The CSV is rewritten after every validation and at every checkpoint, so that a run that dies
-    keeps its history for the next; the PNG is drawn at the end of training. `self.plot_path` / `self.csv_path` say where.
+    keeps its history for the next; the PNG is drawn at the end of training. `self.plot_path` /
+    `self.csv_path` say where.
 
     Validation losses are read from trainer.callback_metrics in `on_validation_end` (see the
     module docstring for why not `on_validation_epoch_end`); a module that logs val_loss only to
