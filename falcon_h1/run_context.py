@@ -15,10 +15,16 @@
 - a Slurm job is named after the recipe, and the command follows it to its end (its state, its
   log as it grows) and exits non-zero, naming the log, unless it ends COMPLETED (`--detach`:
   submit and return);
-- without `-y` and without a terminal to answer "Continue?", the command says to add `-y`.
+- without `-y` and without a terminal to answer "Continue?", the command says to add `-y`;
+- a bad command line or config value fails before anything is built or launched, in one line
+  (`error: trainer.max_stepz: build_trainer has no argument 'max_stepz'; did you mean 'max_steps'?`,
+  `error: data.seq_length=0: must be a positive integer ...`), with exit code 2.
 """
 
 import copy
+import dataclasses
+import difflib
+import inspect
 import logging
 import os
 import sys
@@ -27,14 +33,18 @@ import types
 from inspect import signature
 from pathlib import Path
 
+import catalogue
 import fiddle as fdl
 
 import nemo_run as run
 from nemo_run.cli.api import RunContext, RunContextError
-from nemo_run.cli.cli_parser import parse_cli_args, type_parser
+from nemo_run.cli.cli_parser import CLIException, ParseError, parse_cli_args, type_parser
 from nemo_run.cli.config import ConfigSerializer
+from nemo_run.config import get_type_namespace
 
+from falcon_h1.arguments import check_batch_sizes, check_learning_rates, check_parallel_sizes, check_trainer_arguments
 from falcon_h1.slurm import SubmitError, name_job, submit
+from falcon_h1.training.checkpoint_io import CheckpointError
 
 # nemo-run 0.11 parses typing.Union / Optional but not the `int | None` unions of our signatures.
 type_parser.register_parser(types.UnionType)(lambda value, annotation: type_parser.parse_union(value, annotation))
@@ -44,14 +54,46 @@ class TaskFailed(RunContextError):
     pass
 
 
+class BadConfig(RunContextError):
+    """A bad command line or config value, found before anything runs: one line, exit code 2."""
+
+
 class FalconRunContext(RunContext):
+    def cli_execute(self, fn, args, entrypoint_type="task"):
+        try:
+            return super().cli_execute(fn, args, entrypoint_type)
+        except BadConfig as error:  # (nemo-run would print it as an "Error: " line and exit 1)
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except CheckpointError as error:  # a task run in this process: a damaged checkpoint, a failed save
+            print(f"error: {error}", file=sys.stderr)  # (nemo-run would say "Unexpected error")
+            raise SystemExit(1) from None
+
     def parse_fn(self, fn, args, **default_kwargs):
+        recipe = self._parse_quietly(fn, [], **default_kwargs)
         if not args:
-            return self._parse(fn, args, **default_kwargs)
+            return recipe
         # A copy: nemo-run's YAML loader hands out the same objects again on the next load.
-        recipe = copy.deepcopy(self._parse(fn, [], **default_kwargs))
+        recipe = copy.deepcopy(recipe)
         # `data=NAME` on the command line keeps the recipe's sizes that it does not set.
-        return inherit_data_sizes(self._parse(fn, args, **default_kwargs), recipe)
+        return inherit_data_sizes(self._parse_quietly(fn, args, recipe=recipe, **default_kwargs), recipe)
+
+    def _parse_quietly(self, fn, args, recipe=None, **default_kwargs):
+        """_parse with nemo-run's errors as one line: its own log line of a bad override holds the
+        whole config (~130 lines for a recipe); ours names the key and the argument it meant."""
+        parser_log = logging.getLogger("nemo_run.cli.cli_parser")
+        parser_log.disabled = True
+        try:
+            return self._parse(fn, args, **default_kwargs)
+        except CLIException as error:
+            cause = error.__cause__
+            if isinstance(cause, ValueError) and not isinstance(cause, CLIException):
+                raise BadConfig(factory_error(str(cause), fn)) from None  # a recipe's own check, a factory
+            raise BadConfig(override_error(error, recipe, args, self.factory, fn)) from None
+        except ValueError as error:  # --factory NAME that is not one
+            raise BadConfig(factory_error(str(error), fn)) from None
+        finally:
+            parser_log.disabled = False
 
     def _parse(self, fn, args, **default_kwargs):
         if not self.yaml or Path(self.yaml).suffix.lower() not in (".yaml", ".yml"):
@@ -86,6 +128,10 @@ class FalconRunContext(RunContext):
             name_job(self.executor, self.name)  # the sbatch of --dryrun shows it too
         if self.executor is not None and getattr(task, "trainer", None) is not None:
             match_processes(task.trainer, self.executor, self.run_args, task_args, self.factory)
+        try:
+            check_task_arguments(task)  # with the process count settled
+        except ValueError as error:
+            raise BadConfig(str(error)) from None
         # nemo-run keeps its --verbose flag only as the level of the torchx logger.
         if self.dryrun or logging.getLogger("torchx").isEnabledFor(logging.INFO):
             run.dryrun_fn(task, executor=self.executor)
@@ -187,6 +233,120 @@ def match_processes(trainer, executor, run_args: list[str], task_args: list[str]
         executor.gpus_per_node = executor.ntasks_per_node
     elif hasattr(executor, "gpus_per_node"):  # gpus_per_node=0: CPU tasks, no GPU request
         executor.gpus_per_node = None
+
+
+def override_error(error: CLIException, recipe, args: list[str], factory: str | None = None, fn=None) -> str:
+    """nemo-run's error of a bad override as "KEY: what is wrong; did you mean ...?", the
+    suggestion from the argument names of what KEY's parent configures in `recipe`; without a
+    recipe (its own call failed: --factory "NAME(ARG=...)"), from the arguments of recipe `factory`
+    of entrypoint `fn`."""
+    if isinstance(error, ParseError):  # a value of the wrong type; nemo-run wraps it twice
+        while isinstance(error.__cause__, ParseError):
+            error = error.__cause__
+        override = next((arg for arg in args if arg.split("=", 1)[-1] == error.arg),
+                        f"--factory {factory}" if factory and recipe is None else error.arg)
+        return f"{override}: {error.args[0].split(' (Argument: ')[0]}"
+    key = error.context.get("key") or error.arg.split("=", 1)[0].rstrip("+-*/|&")
+    message = str(error.args[0]).split(" (Argument: ")[0]
+    if "No parameter named" not in message and "Invalid attribute" not in message:
+        return f"{error.arg}: {message}"  # a value nemo-run cannot parse, an operation on an unset field
+    recipes, recipe_name = registered_recipes(fn), (factory or "").split("(")[0].strip()
+    if recipe is None and recipe_name in recipes:
+        return f"--factory {factory}: {_no_argument(f'recipe {recipe_name}', key, _parameters(recipes[recipe_name]))}"
+    node, walked = recipe, []
+    for name in key.split("."):
+        if not isinstance(node, fdl.Buildable):
+            break
+        accepted = _parameters(node.__fn_or_cls__)
+        if name not in accepted:
+            where = getattr(node.__fn_or_cls__, "__name__", str(node.__fn_or_cls__))
+            return f"{'.'.join([*walked, name])}: {_no_argument(where, name, accepted)}"
+        node, walked = getattr(node, name), [*walked, name]
+    return f"{key}: no such field"
+
+
+def _no_argument(where: str, name: str, accepted) -> str:
+    close = difflib.get_close_matches(name, list(accepted), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(accepted)}"
+    return f"{where} has no argument '{name}'; {hint}"
+
+
+def _parameters(fn_or_cls) -> dict:
+    """The arguments a fiddle Buildable of `fn_or_cls` takes (a class's __init__, a dataclass's fields)."""
+    try:
+        parameters = inspect.signature(fn_or_cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: p for name, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def factory_error(message: str, fn) -> str:
+    """"No matching factory found for: NAME" with the nearest registered recipe of `fn`."""
+    if not message.startswith("No matching factory found for: "):
+        return message
+    name = message.rsplit(": ", 1)[1]
+    recipes = list(registered_recipes(fn))
+    close = difflib.get_close_matches(name.split("(")[0], recipes, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"the recipes are {', '.join(sorted(recipes))}"
+    return f"--factory {name}: no such recipe of {fn.__name__}; {hint}"
+
+
+def registered_recipes(fn) -> dict:
+    """The recipes (`--factory NAME`) of entrypoint `fn` by name."""
+    return {key[-1]: recipe for key, recipe in catalogue._get_all((get_type_namespace(fn),)).items()}
+
+
+def check_task_arguments(task) -> None:
+    """The checks the trainer, the strategy, the data module and the optimizer run when they are
+    built, run on the task's config before anything is built or launched: a bad value fails here
+    in one line, not in the log of a job that has started."""
+    check_argument_names(task)
+    trainer, data, model = (getattr(task, name, None) for name in ("trainer", "data", "model"))
+    if _configures(trainer, "max_steps", "val_check_interval", "limit_val_batches", "log_every_n_steps"):
+        check_trainer_arguments(trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches,
+                                trainer.log_every_n_steps, getattr(trainer, "checkpoint_every_n_steps", None),
+                                getattr(trainer, "keep_last_k", None), getattr(trainer, "devices", None),
+                                getattr(trainer, "num_nodes", 1))
+    strategy = getattr(trainer, "strategy", None)
+    sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+             "context_parallel_size")
+    data_parallel = None
+    if _configures(strategy, *sizes):
+        devices, nodes = getattr(trainer, "devices", None), getattr(trainer, "num_nodes", 1)
+        world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
+        check_parallel_sizes(*(getattr(strategy, size) for size in sizes), world_size=world)
+        replica = strategy.tensor_model_parallel_size * strategy.pipeline_model_parallel_size \
+            * strategy.context_parallel_size
+        data_parallel = world // replica if world else None
+    if _configures(data, "seq_length", "micro_batch_size", "global_batch_size"):
+        check_batch_sizes(data.seq_length, data.micro_batch_size, data.global_batch_size, data_parallel)
+    optimizer = getattr(model, "optimizer", None)
+    if _configures(optimizer, "lr", "min_lr"):
+        check_learning_rates(optimizer.lr, optimizer.min_lr)
+    schedule = getattr(model, "lr_schedule", None)
+    if isinstance(schedule, fdl.Buildable) and dataclasses.is_dataclass(schedule.__fn_or_cls__):
+        schedule.__fn_or_cls__(**schedule.__arguments__)  # a dataclass of numbers that checks them when made
+
+
+def check_argument_names(node, path: str = "") -> None:
+    """Every argument set in the config tree under `node` is one its class names somewhere along
+    its bases: nemo-run lets a class that takes **kwargs take any name, and MegatronStrategy's pass
+    to Lightning's DDPStrategy, so a typo there (trainer.strategy.tensor_paralel=2) would be ignored."""
+    if not isinstance(node, fdl.Buildable):
+        return
+    target = node.__fn_or_cls__
+    if inspect.isclass(target):
+        known = {name for cls in target.__mro__ if "__init__" in vars(cls) for name in _parameters(cls.__init__)}
+        for name in node.__arguments__:
+            if name not in known:
+                raise ValueError(f"{path}{name}: {_no_argument(target.__name__, name, sorted(known))}")
+    for name, value in node.__arguments__.items():
+        check_argument_names(value, f"{path}{name}.")
+
+
+def _configures(node, *fields) -> bool:
+    """Whether `node` is a fiddle config of something that takes all of `fields`."""
+    return isinstance(node, fdl.Buildable) and all(field in _parameters(node.__fn_or_cls__) for field in fields)
 
 
 def completion_file(task) -> Path | None:

@@ -174,8 +174,8 @@ def test_tiny_pretrain_through_the_cli_then_its_yaml_gives_the_same_config(tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--factory", "tinyy"], "No matching factory found for: tinyy"),
-    (["--factory", "tiny", "trainer.max_stepz=3"], "No parameter named 'max_stepz'"),
+    (["--factory", "tinyy"], "--factory tinyy: no such recipe of pretrain; did you mean 'tiny'?"),
+    (["--factory", "tiny", "trainer.max_stepz=3"], "trainer.max_stepz: build_trainer has no argument 'max_stepz'"),
     (["--factory", "tiny", "trainer.max_steps=abc"], "Failed to parse 'abc'"),
 ])
 def test_cli_typos_fail_naming_the_problem(tmp_path, args, message):

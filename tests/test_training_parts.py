@@ -75,7 +75,7 @@ def test_min_lr_follows_lr_unless_set():
         2e-3 / 8 + (2e-3 - 2e-3 / 8) / 10)
     curve = lr_curve(LRSchedule(warmup_steps=0, decay_style="linear"), steps=10, lr=2e-3, min_lr=0.0)
     assert curve[-1] == pytest.approx(2e-3 / 10)  # an explicit min_lr, even 0, wins
-    with pytest.raises(ValueError, match="model.optimizer.min_lr=0.01 is above model.optimizer.lr=0.002"):
+    with pytest.raises(ValueError, match="model.optimizer.min_lr=0.01: must be between 0 and model.optimizer.lr=0.002"):
         lr_curve(LRSchedule(), lr=2e-3, min_lr=1e-2)
 
 

@@ -14,6 +14,7 @@ import torch
 from megatron.core import parallel_state
 from torch.utils.data import DataLoader, Dataset
 
+from falcon_h1.arguments import check_batch_sizes
 from falcon_h1.data.sampler import MegatronPretrainingSampler
 
 # Train, validation, test proportions of each dataset's documents, everywhere a split is not given
@@ -109,9 +110,7 @@ class _SizedDataModule(pl.LightningDataModule):
 
     def __init__(self, seq_length: int, micro_batch_size: int, global_batch_size: int, num_workers: int = 0):
         super().__init__()
-        if global_batch_size % micro_batch_size:
-            raise ValueError(f"global_batch_size={global_batch_size} is not a multiple of "
-                             f"micro_batch_size={micro_batch_size}")
+        check_batch_sizes(seq_length, micro_batch_size, global_batch_size)
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.global_batch_size = global_batch_size

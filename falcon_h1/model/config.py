@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from falcon_h1.arguments import check_pipeline_split
 from falcon_h1.kernels import BACKENDS
 from falcon_h1.model.layout import check_context_parallel, check_tensor_parallel
 
@@ -158,6 +159,15 @@ class FalconH1Config(TransformerConfig):
             fail("ffn_hidden_size (HF intermediate_size) must be set")
         check_tensor_parallel(self, self.tensor_model_parallel_size)
         check_context_parallel(self, self.tensor_model_parallel_size, self.context_parallel_size)
+        if self.pipeline_model_parallel_size > 1 and not self._uneven_pipeline_split():
+            # Megatron's even split, else an assertion while the layers are built.
+            check_pipeline_split(self.num_layers, self.pipeline_model_parallel_size,
+                                 self.virtual_pipeline_model_parallel_size, name=_recipe_field)
+
+    def _uneven_pipeline_split(self) -> bool:
+        return (self.num_layers_in_first_pipeline_stage is not None or self.num_layers_in_last_pipeline_stage
+                is not None or self.pipeline_model_parallel_layout is not None
+                or self.account_for_embedding_in_pipeline_split or self.account_for_loss_in_pipeline_split)
 
     @property
     def d_ssm(self) -> int:
@@ -198,6 +208,12 @@ _HF_METADATA_KEYS = {
     "output_hidden_states", "return_dict", "id2label", "label2id", "tokenizer_class",
     "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tie_encoder_decoder",
 }
+
+
+def _recipe_field(field: str) -> str:
+    """Where a recipe sets an argument of the pipeline split: the layers in the model config, the
+    stages in the strategy."""
+    return f"model.config.{field}" if field == "num_layers" else f"trainer.strategy.{field}"
 
 
 def _json_float(value):

@@ -18,6 +18,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 from pytorch_lightning.utilities import rank_zero_info
 
+from falcon_h1.arguments import check_learning_rates
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.lora import LoRA, apply_lora
 from falcon_h1.model.model import FalconH1Model
@@ -97,6 +98,7 @@ class FalconH1Module(pl.LightningModule):
         self.config = config
         self.peft = peft
         self.optimizer_config = optimizer or falcon_h1_optimizer_config()
+        check_learning_rates(self.optimizer_config.lr, self.optimizer_config.min_lr)
         self.lr_schedule = lr_schedule or LRSchedule()
         self.tokenizer_dir = tokenizer_dir
         self.automatic_optimization = False

@@ -2,6 +2,7 @@
 OptimizerParamScheduler, configured from two dataclasses that recipes can hold as data."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from falcon_h1.arguments import check_integer, check_learning_rates
 from falcon_h1.training.grad_norm import use_foreach_grad_norm
 
 DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
@@ -55,6 +57,15 @@ class LRSchedule:
             raise ValueError(f"LRSchedule.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if not 0.0 < self.wsd_decay_fraction <= 1.0:
             raise ValueError(f"LRSchedule.wsd_decay_fraction={self.wsd_decay_fraction} must be in (0, 1]")
+        check_integer("model.lr_schedule.warmup_steps", self.warmup_steps, 0,
+                      "the steps of the linear warm-up; None: warmup_fraction of the run", optional=True)
+        check_integer("model.lr_schedule.decay_steps", self.decay_steps, 1,
+                      "the steps to decay over; None: trainer.max_steps", optional=True)
+        check_integer("model.lr_schedule.wsd_decay_steps", self.wsd_decay_steps, 1,
+                      "the steps of WSD's final decay; None: wsd_decay_fraction of the run", optional=True)
+        if not math.isfinite(self.init_lr) or self.init_lr < 0:
+            raise ValueError(f"model.lr_schedule.init_lr={self.init_lr}: must be a finite number >= 0 "
+                             "(the learning rate the warm-up starts from)")
 
     def steps(self, max_steps: int) -> ScheduleSteps:
         """The schedule's step counts for a run of `max_steps` (trainer.max_steps)."""
@@ -92,16 +103,15 @@ def falcon_h1_optimizer_config(lr: float = 3e-4, **overrides) -> OptimizerConfig
     params_dtype) are filled in from the model config when the optimizer is built."""
     settings = dict(ADAMW, lr=lr, weight_decay=0.1)
     settings.update(overrides)
+    check_learning_rates(settings["lr"], settings.get("min_lr"))
     return OptimizerConfig(**settings)
 
 
 def resolved_min_lr(optimizer_config: OptimizerConfig) -> float:
     """The LR the schedule ends at: the config's min_lr if set, else its lr / 8 (so it follows lr)."""
+    check_learning_rates(optimizer_config.lr, optimizer_config.min_lr)
     if optimizer_config.min_lr is None:
         return optimizer_config.lr / MIN_LR_DIVISOR
-    if optimizer_config.min_lr > optimizer_config.lr:
-        raise ValueError(f"model.optimizer.min_lr={optimizer_config.min_lr} is above model.optimizer.lr="
-                         f"{optimizer_config.lr}: lower it, or unset it (None: lr / {MIN_LR_DIVISOR})")
     return optimizer_config.min_lr
 
 
