@@ -23,6 +23,7 @@ from falcon_h1.training.module import FalconH1Module
 from falcon_h1.training.optim import ADAMW, LRSchedule
 from falcon_h1.training.pretrain import build_trainer
 from falcon_h1.training.strategy import MegatronStrategy
+from falcon_h1.training.watchdog import DEFAULT_HANG_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,15 @@ def strategy(size: Size) -> run.Config[MegatronStrategy]:
 def trainer(size: Size, dir: str, max_steps: int, num_nodes: int, num_gpus_per_node: int,
             val_check_interval: int = 500, limit_val_batches: int = 10, log_every_n_steps: int = 10,
             checkpoint_every_n_steps: int = 1000, keep_last_k: int = 2,
-            precision: str | None = None) -> run.Config[pl.Trainer]:
+            precision: str | None = None, hang_timeout: float | None = DEFAULT_HANG_TIMEOUT) -> run.Config[pl.Trainer]:
     """A Lightning Trainer under MegatronStrategy writing to `dir` (checkpoints/, tensorboard/,
-    loss plot, result.json). precision None: bf16-mixed on GPU, 32 on CPU."""
+    loss plot, result.json). precision None: bf16-mixed on GPU, 32 on CPU. A rank without progress
+    for `hang_timeout` seconds reports where it is and exits (`trainer.hang_timeout=0`: never)."""
     return run.Config(build_trainer, log_dir=dir, max_steps=max_steps, strategy=strategy(size), precision=precision,
                       devices=num_gpus_per_node, num_nodes=num_nodes, val_check_interval=val_check_interval,
                       limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
-                      checkpoint_every_n_steps=checkpoint_every_n_steps, keep_last_k=keep_last_k)
+                      checkpoint_every_n_steps=checkpoint_every_n_steps, keep_last_k=keep_last_k,
+                      hang_timeout=hang_timeout)
 
 
 def sizes(size: Size) -> dict:

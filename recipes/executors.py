@@ -59,7 +59,8 @@ def _slurm(tunnel: run.Config, account: str, partition: str | None, nodes: int, 
         packager=run.Config(run.Packager),
         setup_lines=f"source {shlex.quote(os.path.join(venv, 'bin', 'activate'))}" if venv and not container_image
         else None,
-        srun_args=["--chdir", workdir] if workdir and not container_image else None,
+        # A task that fails ends the job's other tasks at once (plain srun lets them wait in a collective).
+        srun_args=["--kill-on-bad-exit=1", *(["--chdir", workdir] if workdir and not container_image else [])],
         env_vars={**NCCL_ENV, **(env_vars or {})}, exclusive=True, mem="0",
         poll_estimated_start_time=False)  # the falcon-h1 command reports the job's state itself
 

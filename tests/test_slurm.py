@@ -139,7 +139,8 @@ def test_dryrun_outside_a_git_repository_shows_the_sbatch_script(tmp_path):
                      "#SBATCH --job-name=falcon_h1_7b", f"source {sys.prefix}/bin/activate"):
         assert expected in script, expected
     words = " ".join(done.stdout.replace("│", " ").split())  # the srun line wraps on the console
-    assert f"--chdir {tmp_path} python -m nemo_run.core.runners.fdl_runner" in words
+    # A task that fails ends the others (they would wait in a collective).
+    assert f"--kill-on-bad-exit=1 --chdir {tmp_path} python -m nemo_run.core.runners.fdl_runner" in words
 
 
 def test_a_slurm_job_with_no_environment_for_the_project_is_refused_before_submission(tmp_path):

@@ -7,7 +7,12 @@ the real strategy, data module, checkpoints and resume, and records for the test
                  indices rank r read, in order, with its data-parallel rank).
 Fault injection: --kill-at-step N sends SIGKILL to the process group after step N;
 --kill-during-save-at-step N writes the checkpoint of step N, corrupts it and SIGKILLs the
-process before the save finishes.
+process before the save finishes. In a multi-process run, --fault-rank R limits these and the faults
+below to rank R: --raise-at-step N raises an exception after step N, --raise-before-rendezvous
+before the process group is set up; --block-at-step N blocks
+(sleeps) after step N, before the next step's collectives, or with --block-holding-gil in C code
+that holds the GIL. --hang-timeout sets the watchdog's; --devices N starts N processes through
+Lightning's subprocess launcher (instead of torchrun).
 """
 
 import argparse
@@ -15,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -31,6 +37,13 @@ def parse_args():
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int)
     parser.add_argument("--kill-during-save-at-step", type=int)
+    parser.add_argument("--fault-rank", type=int, help="inject the faults on this rank only (default: every rank)")
+    parser.add_argument("--raise-at-step", type=int)
+    parser.add_argument("--raise-before-rendezvous", action="store_true")
+    parser.add_argument("--block-at-step", type=int)
+    parser.add_argument("--block-holding-gil", action="store_true")
+    parser.add_argument("--hang-timeout", type=float, default=None, help="the watchdog's (default: build_trainer's)")
+    parser.add_argument("--devices", type=int, help="processes started by Lightning's subprocess launcher")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vpp", type=int)
@@ -85,6 +98,10 @@ def main():
 
     PreTrainingDataModule.train_dataloader = marked_train_dataloader
 
+    def faulty() -> bool:
+        rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))  # Lightning's launcher sets no RANK
+        return args.fault_rank is None or rank == args.fault_rank
+
     class Record(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
@@ -94,8 +111,32 @@ def main():
                     f.write(json.dumps({"step": step, "loss": float(metrics["reduced_train_loss"]),
                                         "consumed_samples": int(metrics["consumed_samples"]),
                                         "grad_norm": float(metrics.get("grad_norm", float("nan")))}) + "\n")
+            if not faulty():
+                return
+            if step in (args.kill_at_step, args.raise_at_step, args.block_at_step):
+                with open(os.path.join(args.record, f"fault-rank{trainer.global_rank}.json"), "w") as f:
+                    json.dump({"step": step, "time": time.time()}, f)  # when the fault came, for the tests
             if step == args.kill_at_step:
+                print(f"rank {trainer.global_rank}: SIGKILL after step {step}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == args.raise_at_step:
+                raise RuntimeError(f"injected fault on rank {trainer.global_rank} after step {step}")
+            if step == args.block_at_step:
+                print(f"rank {trainer.global_rank}: blocking after step {step}", flush=True)
+                if args.block_holding_gil:
+                    import ctypes
+
+                    # A PyDLL call keeps the GIL; with SIGTERM blocked, the launcher's SIGTERM does
+                    # not cut the sleep short either.
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+                    ctypes.PyDLL(None).sleep(3600)
+                time.sleep(3600)
+
+    if args.raise_before_rendezvous and faulty():
+        def fail_setup_environment(self):
+            raise RuntimeError("injected fault before the rendezvous")
+
+        MegatronStrategy.setup_environment = fail_setup_environment
 
     if args.kill_during_save_at_step is not None:
         from megatron.core import dist_checkpointing
@@ -104,7 +145,7 @@ def main():
 
         def save_then_die(state, directory, *a, **kw):
             result = original_save(state, directory, *a, **kw)
-            if f"step={args.kill_during_save_at_step:07d}" in str(directory):
+            if f"step={args.kill_during_save_at_step:07d}" in str(directory) and faulty():
                 for name in sorted(os.listdir(directory)):  # a torn write: truncate the data files
                     if name.endswith(".distcp"):
                         with open(os.path.join(directory, name), "r+b") as f:
@@ -133,7 +174,8 @@ def main():
     trainer = build_trainer(args.log_dir, args.max_steps, strategy, precision=args.precision,
                             val_check_interval=args.max_steps, limit_val_batches=2, log_every_n_steps=100,
                             checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=None,
-                            save_at_start=args.save_at_start, extra_callbacks=[Record()])
+                            save_at_start=args.save_at_start, extra_callbacks=[Record()], devices=args.devices,
+                            **({"hang_timeout": args.hang_timeout} if args.hang_timeout is not None else {}))
     resume = AutoResume(resume_if_exists=not args.no_resume, restore_weights_from=args.restore_weights_from)
     result = pretrain(module, data, trainer, resume)
     if trainer.is_global_zero:
