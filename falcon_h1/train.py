@@ -10,11 +10,25 @@ runs this same command (e.g. `torchrun --nproc-per-node 2 -m falcon_h1.train --t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# The flag of each checked argument (falcon_h1.arguments names arguments as the recipes do).
+FLAGS = {"num_layers": "--num-layers", "seq_length": "--seq-length", "micro_batch_size": "--micro-batch-size",
+         "global_batch_size": "--global-batch-size", "max_steps": "--max-steps", "lr": "--lr",
+         "val_check_interval": "--val-every", "limit_val_batches": "--val-batches", "log_every_n_steps": "--log-every",
+         "checkpoint_every_n_steps": "--checkpoint-every", "keep_last_k": "--keep-last",
+         "tensor_model_parallel_size": "--tp", "pipeline_model_parallel_size": "--pp",
+         "virtual_pipeline_model_parallel_size": "--vpp", "context_parallel_size": "--cp"}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every other bad input of the main job
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="python -m falcon_h1.train", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
@@ -44,10 +58,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
     run.add_argument("--async-save", action="store_true", help="write checkpoints in the background (GPU)")
     run.add_argument("--seed", type=int, default=1234)
+    run.add_argument("--hang-timeout", type=float, default=1800, metavar="SECONDS",  # watchdog.DEFAULT_HANG_TIMEOUT
+                     help="a process without progress (training or validation batch, checkpoint save) for "
+                          "this long prints where it is and exits, ending the job (default: %(default).0f; "
+                          "0: never)")
     resume = parser.add_argument_group("resume")
     resume.add_argument("--no-resume", action="store_true", help="start over even if --log-dir has checkpoints")
     resume.add_argument("--resume-from", help="continue from this checkpoint")
     resume.add_argument("--restore-weights-from", help="start a new run from this checkpoint's weights")
+    resume.add_argument("--fall-back-if-damaged", action="store_true",
+                        help="if the latest checkpoint is damaged (its files differ from their checksums), resume "
+                             "from the previous complete one, warning, instead of stopping")
     parallel = parser.add_argument_group("parallelism (data parallelism takes the remaining processes)")
     parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parallel.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -57,8 +78,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The numeric and layout flags, before the heavy imports; the same checks run again where the
+    values are used (data module, trainer, optimizer), naming the recipe fields."""
+    from falcon_h1.arguments import (
+        check_batch_sizes,
+        check_integer,
+        check_learning_rates,
+        check_parallel_sizes,
+        check_trainer_arguments,
+    )
+
+    check_integer("--max-steps", args.max_steps, 1, "the optimizer steps to train")
+    if args.warmup_steps is not None:
+        check_integer("--warmup-steps", args.warmup_steps, 0, "the steps of the linear LR warm-up")
+        if args.warmup_steps >= args.max_steps:
+            raise ValueError(f"--warmup-steps {args.warmup_steps}: must be below --max-steps {args.max_steps} "
+                             "(the warm-up is part of the run)")
+    check_learning_rates(args.lr, name=FLAGS.get)
+    check_trainer_arguments(args.max_steps, args.val_every, args.val_batches, args.log_every,
+                            args.checkpoint_every, args.keep_last, name=FLAGS.get)
+    # Under torchrun the world is known now: data parallelism takes what the model layout leaves.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    check_parallel_sizes(args.tp, args.pp, args.vpp, args.cp, world_size=world, name=FLAGS.get)
+    data_parallel = world // (args.tp * args.pp * args.cp)
+    check_batch_sizes(args.seq_length, args.micro_batch_size, args.global_batch_size, data_parallel, name=FLAGS.get)
+    if args.seq_length % args.cp:
+        raise ValueError(f"--seq-length {args.seq_length}: must be a multiple of --cp {args.cp} (every "
+                         "context-parallel rank holds an equal part of each sequence)")
+    check_integer("--num-layers", args.num_layers, 1, "the model's layers, e.g. 4", optional=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from falcon_h1.training.checkpoint_io import CheckpointError
 
     try:
@@ -70,6 +127,7 @@ def main(argv=None) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    from falcon_h1.arguments import check_pipeline_split
     from falcon_h1.data.default_corpus import default_corpus
     from falcon_h1.data.pretraining import MockDataModule, PreTrainingDataModule
     from falcon_h1.model.presets import preset_config
@@ -79,8 +137,11 @@ def train(args: argparse.Namespace) -> int:
     from falcon_h1.training.pretrain import build_trainer, pretrain
     from falcon_h1.training.strategy import MegatronStrategy
 
-    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    overrides = {"num_layers": args.num_layers} if args.num_layers is not None else {}
     config = preset_config(args.preset, **overrides)
+    if args.pp > 1:  # the preset's layers, or --num-layers
+        layers = FLAGS["num_layers"] if args.num_layers is not None else f"the {args.preset} preset's num_layers"
+        check_pipeline_split(config.num_layers, args.pp, args.vpp, name={**FLAGS, "num_layers": layers}.get)
     batch = dict(seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                  global_batch_size=args.global_batch_size, seed=args.seed)
     if args.mock_data:
@@ -106,9 +167,11 @@ def train(args: argparse.Namespace) -> int:
     trainer = build_trainer(
         args.log_dir, args.max_steps, strategy, precision=args.precision, val_check_interval=args.val_every,
         limit_val_batches=args.val_batches, log_every_n_steps=args.log_every,
-        checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=args.keep_last)
+        checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=args.keep_last,
+        hang_timeout=args.hang_timeout)
     resume = AutoResume(resume_if_exists=not args.no_resume, resume_from_path=args.resume_from,
-                        restore_weights_from=args.restore_weights_from)
+                        restore_weights_from=args.restore_weights_from,
+                        fall_back_if_damaged=args.fall_back_if_damaged)
     pretrain(module, data, trainer, resume)  # prints the header, progress and where the results are
     return 0
 

@@ -217,7 +217,7 @@ def test_corrupt_checkpoint_is_named_before_training(reference, tmp_path):
     proc = run_cli("--log-dir", str(tmp_path / "run"), "--preset", "tiny", "--num-layers", "2",
                    "--resume-from", str(corrupt), "--max-steps", "20")
     assert proc.returncode == 2
-    assert f"cannot load checkpoint {corrupt}" in proc.stderr
+    assert f"checkpoint {corrupt} is damaged: weights/__0_0.distcp has 100 bytes" in proc.stderr
     assert "step 1/" not in proc.stdout
 
     missing = run_cli("--log-dir", str(tmp_path / "run"), "--resume-from", str(tmp_path / "nothing"))

@@ -52,6 +52,7 @@ def export_hf_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLik
         with tempfile.TemporaryDirectory(prefix=f".{output.name}.merged-", dir=output.parent) as scratch:
             merged = merge_lora_checkpoint(path, Path(scratch) / "checkpoint")
             return export_hf_checkpoint(merged, output, dtype, max_shard_size, overwrite, progress)
+    checkpoint_io.verify_checksums(path)
     hf_config, _ = checkpoint_io.read_context(path)
     try:
         config = config_from_hf(hf_config)

@@ -24,7 +24,7 @@ from falcon_h1.convert.mapping import links
 from falcon_h1.convert.output import Progress, staged_output
 from falcon_h1.convert.safetensors_io import HFCheckpointError, HFWeights
 from falcon_h1.model.config import FalconH1Config, config_from_hf, config_to_hf
-from falcon_h1.training import checkpoint_io
+from falcon_h1.training import checkpoint_io, checksums
 
 # Files of an HF model directory that travel with the checkpoint (tokenizer, chat template,
 # generation defaults); weights and config.json are converted instead.
@@ -125,5 +125,6 @@ def import_hf_checkpoint(hf_dir: str | os.PathLike, output: str | os.PathLike, d
             if (hf_dir / name).is_file():
                 tokenizer.mkdir(exist_ok=True)
                 shutil.copy2(hf_dir / name, tokenizer / name)
+        checksums.write_manifest(staging)
     meter.finish()
     return Path(output)

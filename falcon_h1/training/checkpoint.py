@@ -7,6 +7,7 @@ given path; or it names a checkpoint whose weights only initialize the model (fi
 """
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,11 @@ class MegatronCheckpoint(pl.Callback):
             self.save(trainer, weights_only=True)  # there is no optimizer state yet
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        """Lightning has restored `trainer.ckpt_path` (model, optimizer, loops, data position): say so
-        before the first step."""
+        """Lightning has restored the checkpoint (model, optimizer, loops, data position): say so
+        before the first step. It is `trainer.ckpt_path` unless the strategy fell back from a
+        damaged one."""
         if trainer.is_global_zero:
-            print(resumed_line(trainer.ckpt_path), flush=True)
+            print(resumed_line(checkpoint.get("checkpoint_path", trainer.ckpt_path)), flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         trainer.strategy.finalize_pending_saves()
@@ -77,6 +79,12 @@ class MegatronCheckpoint(pl.Callback):
             if self.keep_last_k is not None:
                 for old in checkpoint_io.complete_checkpoints(self.dirpath)[:-self.keep_last_k]:
                     checkpoint_io.remove_checkpoint(old)
+            checkpoint_io.remove_interrupted_saves(self.dirpath, before_step=checkpoint_io.checkpoint_step(path))
+
+
+def _global_rank() -> int:
+    """This process's rank before the process group exists (torchrun and Slurm set RANK)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
 
 
 def resumed_line(path: str | Path) -> str:
@@ -95,24 +103,40 @@ class AutoResume:
     resume_from_path: continue from this checkpoint (model, optimizer, schedule, data position).
     restore_weights_from: initialize only the model weights from this checkpoint and start a new
         run (fine-tuning); cannot be combined with resuming.
+    fall_back_if_damaged: if the latest checkpoint is damaged (a file missing, truncated or
+        changed since it was written), resume from the previous complete one with a warning; by
+        default the run stops, naming the file and that checkpoint.
     """
 
     resume_if_exists: bool = True
     resume_from_path: str | None = None
     restore_weights_from: str | None = None
+    fall_back_if_damaged: bool = False
 
     def checkpoint_to_resume(self, checkpoint_dir: str | Path | None) -> str | None:
-        """The checkpoint to continue from; `checkpoint_dir` is the run's (None: the run saves none)."""
+        """The checkpoint to continue from; `checkpoint_dir` is the run's (None: the run saves none).
+        Its files are checked for presence and size here, their content when it is loaded."""
         if self.resume_from_path:
             return str(checkpoint_io.check_loadable(self.resume_from_path))
         if not self.resume_if_exists or checkpoint_dir is None:
             return None
-        latest = checkpoint_io.latest_checkpoint(checkpoint_dir, resumable=True)
-        skipped = sorted(Path(checkpoint_dir).glob(f"*{checkpoint_io.UNFINISHED_SUFFIX}")) \
-            if Path(checkpoint_dir).is_dir() else []
-        for marker in skipped:
-            log.warning("skipping unfinished checkpoint %s", marker)
-        return str(latest) if latest else None
+        finished = checkpoint_io.finished_checkpoints(checkpoint_dir, resumable=True)
+        chosen = None
+        if finished:
+            try:
+                chosen = checkpoint_io.check_loadable(finished[-1])
+            except checkpoint_io.DamagedCheckpoint as error:
+                chosen = checkpoint_io.previous_complete(finished[-1]) if self.fall_back_if_damaged else None
+                if chosen is None:
+                    raise
+                if _global_rank() == 0:
+                    log.warning(checkpoint_io.falling_back(error, chosen))
+        chosen_step = checkpoint_io.checkpoint_step(chosen) if chosen else -1
+        for marker in sorted(Path(checkpoint_dir).glob(f"step=*{checkpoint_io.UNFINISHED_SUFFIX}")):
+            step = checkpoint_io.checkpoint_step(marker.name.removesuffix(checkpoint_io.UNFINISHED_SUFFIX))
+            if _global_rank() == 0 and step is not None and step > chosen_step:
+                log.warning("skipping unfinished checkpoint %s (its save was interrupted)", marker)
+        return str(chosen) if chosen else None
 
     def validate(self) -> None:
         if self.restore_weights_from and self.resume_from_path:

@@ -7,19 +7,30 @@
                      (step, consumed samples, parallel layout), tokenizer/ (tokenizer files)
     <checkpoints>/step=0000200-unfinished    present while that save is in progress
 
+    <checkpoints>/step=0000200/checksums.json   size and digest of every file (checksums.py)
+
 A save creates the marker first and removes it only after every rank (and, for async saves,
 every background writer) has finished, so a checkpoint interrupted at any point - killed during
 the write, out of disk, node failure - is never taken for a good one. Older checkpoints are
 deleted only after a newer one is complete.
+
+A finished checkpoint whose files were changed afterwards (a flipped byte, a truncated, missing
+or deleted file) is "damaged": the error names the file and the previous complete checkpoint to
+resume from instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+from falcon_h1.training import checksums
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = "weights"
 CONTEXT_DIR = "context"
@@ -29,6 +40,15 @@ _STEP_NAME = re.compile(r"^step=(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, unfinished, corrupt or for another model."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose save finished but whose files changed since: missing, truncated or with
+    other content than was written. `what` says so without the advice."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
 
 
 def checkpoint_name(step: int) -> str:
@@ -43,6 +63,8 @@ def unfinished_marker(path: str | os.PathLike) -> Path:
 def mark_unfinished(path: str | os.PathLike) -> None:
     """Create the marker durably before anything of the checkpoint is written."""
     marker = unfinished_marker(path)
+    if marker.exists():
+        return
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(marker, "w") as f:
         f.write("a save of this checkpoint started and has not finished\n")
@@ -53,11 +75,19 @@ def mark_unfinished(path: str | os.PathLike) -> None:
 
 def begin_save(path: str | os.PathLike) -> None:
     """Rank 0, before a save: the marker, then an empty checkpoint directory (a directory left by
-    an interrupted save of the same step is replaced)."""
+    an interrupted save of the same step is replaced; a finished one too, saying so)."""
     path = Path(path)
+    if path.is_dir() and not unfinished_marker(path).exists():
+        log.warning("warning: replacing checkpoint %s (this run resumed from an earlier step and has reached it again)", path)
     mark_unfinished(path)
     shutil.rmtree(path, ignore_errors=True)
     (path / WEIGHTS_DIR).mkdir(parents=True)
+
+
+def finish_save(path: str | os.PathLike) -> None:
+    """Rank 0, once every rank has written its files: the checksums, then the marker removed."""
+    checksums.write_manifest(path)
+    mark_finished(path)
 
 
 def mark_finished(path: str | os.PathLike) -> None:
@@ -91,15 +121,20 @@ def is_weights_only(path: str | os.PathLike) -> bool:
         return False
 
 
-def complete_checkpoints(directory: str | os.PathLike, resumable: bool = False) -> list[Path]:
-    """Complete checkpoints under `directory`, oldest first (with resumable: those a run can
-    continue from, i.e. not weights-only)."""
+def finished_checkpoints(directory: str | os.PathLike, resumable: bool = False) -> list[Path]:
+    """Checkpoints under `directory` whose save finished (no marker), oldest first, damaged or not
+    (with resumable: not weights-only)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)
-             and not (resumable and is_weights_only(p))]
+    found = [p for p in directory.iterdir() if p.is_dir() and checkpoint_step(p) is not None
+             and not unfinished_marker(p).exists() and not (resumable and is_weights_only(p))]
     return sorted(found, key=checkpoint_step)
+
+
+def complete_checkpoints(directory: str | os.PathLike, resumable: bool = False) -> list[Path]:
+    """Finished checkpoints under `directory` with their Megatron metadata, oldest first."""
+    return [p for p in finished_checkpoints(directory, resumable) if is_complete(p)]
 
 
 def latest_checkpoint(directory: str | os.PathLike, resumable: bool = False) -> Path | None:
@@ -107,8 +142,19 @@ def latest_checkpoint(directory: str | os.PathLike, resumable: bool = False) -> 
     return found[-1] if found else None
 
 
+def remove_interrupted_saves(directory: str | os.PathLike, before_step: int) -> None:
+    """Delete what saves interrupted before step `before_step` left (a newer complete checkpoint
+    exists, so nothing will resume from or replace them)."""
+    for marker in Path(directory).glob(f"step=*{UNFINISHED_SUFFIX}"):
+        checkpoint = marker.with_name(marker.name.removesuffix(UNFINISHED_SUFFIX))
+        step = checkpoint_step(checkpoint)
+        if step is not None and step < before_step:
+            remove_checkpoint(checkpoint)
+
+
 def check_loadable(path: str | os.PathLike) -> Path:
-    """The checkpoint directory, or a CheckpointError saying what is wrong with it and what to do."""
+    """The checkpoint directory, or a CheckpointError saying what is wrong with it and what to do.
+    Its files are checked for presence and size (cheap); `verify_checksums` reads them."""
     path = Path(path)
     if path.name == WEIGHTS_DIR:
         path = path.parent
@@ -118,10 +164,92 @@ def check_loadable(path: str | os.PathLike) -> Path:
     if unfinished_marker(path).exists():
         raise CheckpointError(f"checkpoint {path} is unfinished (its save was interrupted: "
                               f"{unfinished_marker(path)} exists); resume from an earlier checkpoint")
-    if not (path / WEIGHTS_DIR / "metadata.json").is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint: {path / WEIGHTS_DIR / 'metadata.json'} "
-                              f"is missing; give the directory of a checkpoint written by falcon_h1")
-    return path
+    damage = _damage(path)
+    if damage is None:
+        return path
+    if (path / CONTEXT_DIR).is_dir() or (path / checksums.MANIFEST).is_file():
+        raise damaged(path, damage)
+    raise CheckpointError(f"{path} is not a complete checkpoint: {path / WEIGHTS_DIR / 'metadata.json'} "
+                          f"is missing; give the directory of a checkpoint written by falcon_h1")
+
+
+def _damage(path: Path) -> str | None:
+    """What is missing from a finished checkpoint or has the wrong size (None: nothing), without
+    reading its files."""
+    try:
+        files = checksums.read_manifest(path)
+    except ValueError as error:
+        return str(error)
+    if files is None:
+        if _written_with_checksums(path):
+            return f"{checksums.MANIFEST} is missing"
+        return None if (path / WEIGHTS_DIR / "metadata.json").is_file() else f"{WEIGHTS_DIR}/metadata.json is missing"
+    problems = checksums.size_problems(path, files)
+    if len(problems) > 1:
+        return f"{problems[0]} (and {len(problems) - 1} more file{'s' if len(problems) > 2 else ''})"
+    return problems[0] if problems else None
+
+
+def _written_with_checksums(path: Path) -> bool:
+    try:
+        return "checksums" in json.loads((path / CONTEXT_DIR / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def previous_complete(path: str | os.PathLike) -> Path | None:
+    """The newest checkpoint beside `path` of an earlier step that a run can resume from and whose
+    files are all there."""
+    path = Path(path)
+    step = checkpoint_step(path)
+    if step is None:
+        return None
+    earlier = [p for p in finished_checkpoints(path.parent, resumable=True) if checkpoint_step(p) < step]
+    return next((p for p in reversed(earlier) if _damage(p) is None), None)
+
+
+def damaged(path: str | os.PathLike, problem: str) -> DamagedCheckpoint:
+    """The error for a damaged checkpoint: what is wrong, and the command that resumes from the
+    previous complete checkpoint instead."""
+    previous = previous_complete(path)
+    if previous is None:
+        advice = ("there is no earlier complete checkpoint beside it: restore it from a copy, or start the run "
+                  "over with --no-resume (resume.resume_if_exists=false)")
+    else:
+        advice = (f"resume from the previous complete checkpoint with --resume-from {previous} "
+                  f"(falcon-h1 and recipes: resume.resume_from_path={previous}), or add --fall-back-if-damaged "
+                  "(resume.fall_back_if_damaged=true) to do that automatically")
+    return DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}", advice)
+
+
+def falling_back(error: DamagedCheckpoint, previous: Path) -> str:
+    """The warning of a run that resumes from `previous` because the latest checkpoint is damaged."""
+    return (f"warning: {error.what}. Resuming from {previous} instead, as fall_back_if_damaged asks; the damaged "
+            "checkpoint stays until this run saves its step again")
+
+
+def verify_checksums(path: str | os.PathLike) -> None:
+    """Read every file of the checkpoint and compare it with the digest written with it; in a
+    job, each rank reads a share (every rank calls this). A DamagedCheckpoint naming the files
+    that differ."""
+    import torch.distributed as dist
+
+    path = Path(path)
+    files = checksums.read_manifest(path)
+    if files is None:
+        log.warning("checkpoint %s was written without checksums (by an older falcon_h1): its content "
+                    "cannot be verified", path)
+        return
+    distributed = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    problems = checksums.digest_problems(path, files, rank, world_size)
+    if distributed and world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, problems)
+        problems = [problem for share in gathered for problem in share]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise damaged(path, problems[0] + more)
 
 
 def tokenizer_path(path: str | os.PathLike) -> Path:
@@ -134,6 +262,7 @@ def write_context(path: str | os.PathLike, hf_config: dict, run_info: dict, toke
     arguments (fine-tuning, export, generation)."""
     context = Path(path) / CONTEXT_DIR
     context.mkdir(parents=True, exist_ok=True)
+    run_info = dict(run_info, checksums=checksums.MANIFEST)  # a checkpoint without it is damaged
     (context / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     (context / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
     if tokenizer_dir:
@@ -174,19 +303,42 @@ def model_sharded_state_dict(models, part: str = ALL) -> dict:
     return {f"model{i}": select(model) for i, model in enumerate(models)}
 
 
-def load_sharded(path: Path, template: dict) -> dict:
-    """dist_checkpointing.load of `template` from checkpoint `path`, errors naming the checkpoint."""
+def last_line(error: BaseException) -> str:
+    """The gist of an error: torch's CheckpointException holds each rank's whole traceback."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def why_save_failed(path: Path, error: BaseException, previous: Path | None) -> str:
+    """The cause of a failed save in words: the write error a shard writer left (Megatron's writer
+    threads and processes pass on only its type), and whether the filesystem has less space left
+    than the previous checkpoint took."""
+    left = checksums.write_errors(path)
+    cause = left[0] if left else last_line(error)
+    try:
+        free = shutil.disk_usage(path.parent).free
+        needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 0
+    except OSError:
+        return cause
+    if free < needed:
+        cause += f" ({path.parent} has {free / 2**20:,.0f} MiB free; the previous checkpoint took {needed / 2**20:,.0f} MiB)"
+    return cause
+
+
+def load_sharded(path: Path, template: dict, verify: bool = True) -> dict:
+    """dist_checkpointing.load of `template` from checkpoint `path` (its checksums verified first,
+    unless the caller has); errors naming the checkpoint."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    if verify:
+        verify_checksums(path)
     try:
         return dist_checkpointing.load(template, str(Path(path) / WEIGHTS_DIR))
     except (Exception, CheckpointException) as error:
-        lines = str(error).strip().splitlines()  # torch's CheckpointException holds each rank's traceback
-        detail = lines[-1] if lines else type(error).__name__
         raise CheckpointError(
-            f"cannot load checkpoint {path}: {detail}. The checkpoint is corrupt or "
-            "incomplete, or was written for another model; use an earlier checkpoint") from error
+            f"cannot load checkpoint {path}: {last_line(error)}. The checkpoint is incomplete, or was "
+            "written for another model; use an earlier checkpoint") from error
 
 
 def apply_model_state(models, state: dict, strict: bool = True, part: str = ALL) -> None:
@@ -275,7 +427,8 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     path = Path(path)
     mark_unfinished(path)
     shutil.rmtree(path, ignore_errors=True)
-    mark_finished(path)
+    if not path.exists():  # what could not be deleted keeps its marker
+        mark_finished(path)
 
 
 def save_model(models, path: str | os.PathLike, hf_config: dict, run_info: dict, tokenizer_dir: str | None = None,
@@ -292,9 +445,10 @@ def save_model(models, path: str | os.PathLike, hf_config: dict, run_info: dict,
         write_context(path, hf_config, dict(run_info, weights_only=True), tokenizer_dir)
     if dist.is_initialized():
         dist.barrier()
+    checksums.hash_shards_as_written()
     dist_checkpointing.save({"state_dict": model_sharded_state_dict(models, part)}, str(path / WEIGHTS_DIR))
     if dist.is_initialized():
         dist.barrier()
     if rank0:
-        mark_finished(path)
+        finish_save(path)
     return path

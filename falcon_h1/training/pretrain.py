@@ -32,11 +32,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
+from falcon_h1.arguments import check_parallel_sizes, check_trainer_arguments
 from falcon_h1.training import checkpoint_io
 from falcon_h1.training.callbacks import LossPlot, ProgressPrinter, ThroughputMonitor, human_number
 from falcon_h1.training.checkpoint import AutoResume, MegatronCheckpoint
 from falcon_h1.training.precision import MegatronMixedPrecision
 from falcon_h1.training.strategy import MegatronStrategy
+from falcon_h1.training.watchdog import DEFAULT_HANG_TIMEOUT, HangWatchdog
 
 
 def default_devices() -> int:
@@ -57,15 +59,24 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
                   val_check_interval: int = 100, limit_val_batches: int = 4, log_every_n_steps: int = 10,
                   checkpoint_every_n_steps: int | None = None, keep_last_k: int | None = 2,
                   save_at_start: bool = False, save_last: bool = True,
-                  extra_callbacks: list | None = None) -> pl.Trainer:
+                  extra_callbacks: list | None = None,
+                  hang_timeout: float | None = DEFAULT_HANG_TIMEOUT) -> pl.Trainer:
     """A Trainer set up for Megatron training: MegatronStrategy, Megatron precision, progress lines,
     throughput/MFU, TensorBoard, the loss plot and sharded checkpoints under `log_dir`.
 
     precision defaults to "bf16-mixed" on GPU and "32" on CPU. Validation runs every
     `val_check_interval` steps over `limit_val_batches` global batches, and once before the first
     step (the step-0 validation loss). A checkpoint is written every `checkpoint_every_n_steps` and,
-    with `save_last`, at the end.
+    with `save_last`, at the end. A rank that makes no progress (no training or validation batch,
+    no checkpoint save begun) for `hang_timeout` seconds prints where it is and exits non-zero
+    (watchdog.HangWatchdog; None or 0: no watchdog).
     """
+    check_trainer_arguments(max_steps, val_check_interval, limit_val_batches, log_every_n_steps,
+                            checkpoint_every_n_steps, keep_last_k, devices, num_nodes)
+    if isinstance(strategy, MegatronStrategy):  # its layout against the processes, before any start
+        check_parallel_sizes(strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size,
+                             strategy.virtual_pipeline_model_parallel_size, strategy.context_parallel_size,
+                             world_size=(devices or default_devices()) * num_nodes)
     on_gpu = torch.cuda.is_available()
     precision = precision or ("bf16-mixed" if on_gpu else "32")
     log_dir = Path(log_dir)
@@ -77,6 +88,7 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
         MegatronCheckpoint(log_dir / "checkpoints", every_n_train_steps=checkpoint_every_n_steps,
                            keep_last_k=keep_last_k, save_at_start=save_at_start, save_last=save_last),
         *(extra_callbacks or []),
+        HangWatchdog(hang_timeout),  # last: its batch-end beat comes after the saves of the step
     ]
     return pl.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
@@ -149,6 +161,7 @@ def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None)
     checkpointer = checkpoint_callback(trainer)
     checkpoint_dir = checkpointer.dirpath if checkpointer else None
     ckpt_path = resume.checkpoint_to_resume(checkpoint_dir)
+    trainer.strategy.fall_back_if_damaged = resume.fall_back_if_damaged
     lora = getattr(model, "peft", None)
     if ckpt_path is None and resume.restore_weights_from:
         trainer.strategy.restore_weights_from = resume.restore_weights_from
@@ -167,7 +180,12 @@ def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None)
         directory = run_directory(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    watchdog = next((c for c in trainer.callbacks if isinstance(c, HangWatchdog)), None)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        if watchdog is not None:  # fit has returned, or raised after its teardown
+            watchdog.close()
     plot = next((c for c in trainer.callbacks if isinstance(c, LossPlot)), None)
     throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
     metrics = trainer.callback_metrics
@@ -419,6 +437,9 @@ def run_config(model, data, trainer: pl.Trainer, resume: AutoResume, resumed_fro
         "log_every_n_steps": progress.log_every_n_steps if progress else trainer.log_every_n_steps,
         "strategy": {"class": _class_name(trainer.strategy), **constructor_arguments(trainer.strategy)},
     }
+    watchdog = next((c for c in trainer.callbacks if isinstance(c, HangWatchdog)), None)
+    if watchdog is not None:
+        trainer_config["hang_timeout"] = watchdog.timeout
     if checkpointer is not None:
         trainer_config.update(checkpoint_every_n_steps=checkpointer.every_n_train_steps,
                               keep_last_k=checkpointer.keep_last_k, save_last=checkpointer.save_last,

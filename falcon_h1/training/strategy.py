@@ -12,6 +12,7 @@ group):
 - a CPU (gloo) debug mode.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -33,7 +34,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from falcon_h1 import cpu_compat
 from falcon_h1.model.config import config_to_hf
 from falcon_h1.model.tensor_parallel import sync_replicated_grads, sync_replicated_params
-from falcon_h1.training import checkpoint_io
+from falcon_h1.training import checkpoint_io, checksums
 from falcon_h1.training.grad_checks import DeferredGradCheck
 from falcon_h1.training.precision import MegatronMixedPrecision
 
@@ -59,6 +60,9 @@ class MegatronStrategy(DDPStrategy):
         async_save: write checkpoints in a background process while training goes on.
         restore_weights_from: a checkpoint whose weights (only) initialize the model, e.g. for
             fine-tuning or to start several layouts from the same weights.
+        fall_back_if_damaged: when the checkpoint to resume from is damaged (its files differ
+            from their checksums), resume from the previous complete one, warning, instead of
+            stopping. `pretrain` sets it from AutoResume.
         seed: base seed of the parameter initialization and of Megatron's RNG streams.
     """
 
@@ -67,7 +71,8 @@ class MegatronStrategy(DDPStrategy):
     def __init__(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                  virtual_pipeline_model_parallel_size: int | None = None, context_parallel_size: int = 1,
                  sequence_parallel: bool = False, ddp: DistributedDataParallelConfig | None = None,
-                 async_save: bool = False, restore_weights_from: str | None = None, seed: int = 1234, **kwargs):
+                 async_save: bool = False, restore_weights_from: str | None = None,
+                 fall_back_if_damaged: bool = False, seed: int = 1234, **kwargs):
         super().__init__(**kwargs)
         self.tensor_model_parallel_size = tensor_model_parallel_size
         self.pipeline_model_parallel_size = pipeline_model_parallel_size
@@ -77,8 +82,10 @@ class MegatronStrategy(DDPStrategy):
         self.ddp_config = ddp
         self.async_save = async_save
         self.restore_weights_from = restore_weights_from
+        self.fall_back_if_damaged = fall_back_if_damaged
         self.seed = seed
         self._async_queue = None
+        self._saving: Path | None = None  # the checkpoint being written
         self._grad_check: DeferredGradCheck | None = None
 
     # ---------------------------------------------------------------- Lightning plumbing
@@ -323,8 +330,11 @@ class MegatronStrategy(DDPStrategy):
             checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
         self.barrier("checkpoint-dirs")
         _write_results_queue_without_spawn(background=self.async_save)
-        request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
-                                          async_sharded_save=self.async_save, async_strategy=_ASYNC_STRATEGY)
+        checksums.hash_shards_as_written()
+        self._saving = path
+        with self._stop_on_failed_save():
+            request = dist_checkpointing.save(checkpoint, str(path / checkpoint_io.WEIGHTS_DIR),
+                                              async_sharded_save=self.async_save, async_strategy=_ASYNC_STRATEGY)
         finish = partial(self._finish_save, path)
         if request is None:
             finish()
@@ -338,7 +348,8 @@ class MegatronStrategy(DDPStrategy):
     def _finish_save(self, path: Path) -> None:
         torch.distributed.barrier()
         if self.is_global_zero:
-            checkpoint_io.mark_finished(path)
+            checkpoint_io.finish_save(path)
+        self._saving = None
         for callback in self.lightning_module.trainer.callbacks:
             on_saved = getattr(callback, "on_checkpoint_complete", None)
             if on_saved is not None:
@@ -347,7 +358,31 @@ class MegatronStrategy(DDPStrategy):
     def finalize_pending_saves(self, blocking: bool = False) -> None:
         """Finish async saves whose writers are done (all of them with blocking=True)."""
         if self._async_queue is not None:
-            self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+            with self._stop_on_failed_save():
+                self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+    @contextlib.contextmanager
+    def _stop_on_failed_save(self):
+        """A write that fails (out of space, I/O error) ends training with one CheckpointError: what
+        the save left is deleted (under its marker), and the previous complete checkpoint stays the
+        one to resume from."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        try:
+            yield
+        except (Exception, CheckpointException) as error:
+            path, self._saving = self._saving, None
+            if path is None or isinstance(error, checkpoint_io.CheckpointError):
+                raise
+            previous = checkpoint_io.latest_checkpoint(path.parent, resumable=True)
+            cause = checkpoint_io.why_save_failed(path, error, previous)
+            if self.is_global_zero:
+                checkpoint_io.remove_checkpoint(path)
+            resume = f"{previous} stays the checkpoint to resume from" if previous else "no checkpoint was kept"
+            raise checkpoint_io.CheckpointError(
+                f"saving checkpoint {path} failed: {cause}; what it wrote is deleted and {resume}. Fix the cause "
+                "(e.g. free space, or a --log-dir / trainer.log_dir elsewhere) and run the same command again to "
+                "resume") from error
 
     def remove_checkpoint(self, filepath) -> None:
         if self.is_global_zero:
@@ -355,8 +390,22 @@ class MegatronStrategy(DDPStrategy):
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         """Everything a resumed run needs: model, optimizer and LR schedule, loops, callbacks, data
-        position. Loads at any TP/PP/DP: tensors are matched by their canonical keys."""
+        position. Loads at any TP/PP/DP: tensors are matched by their canonical keys. The returned
+        dict names the checkpoint it came from ("checkpoint_path"): with `fall_back_if_damaged`,
+        a damaged checkpoint is left for the previous complete one."""
         path = checkpoint_io.check_loadable(checkpoint_path)
+        try:
+            checkpoint_io.verify_checksums(path)
+        except checkpoint_io.DamagedCheckpoint as error:
+            previous = checkpoint_io.previous_complete(path) if self.fall_back_if_damaged else None
+            if previous is None:
+                raise
+            if self.is_global_zero:
+                log.warning(checkpoint_io.falling_back(error, previous))
+            return self.load_checkpoint(previous)
+        return dict(self._load_verified(path), checkpoint_path=str(path))
+
+    def _load_verified(self, path: Path) -> dict:
         checkpoint_io.check_same_model(path, config_to_hf(self.lightning_module.config))
         if checkpoint_io.is_weights_only(path):
             raise checkpoint_io.CheckpointError(
@@ -374,7 +423,7 @@ class MegatronStrategy(DDPStrategy):
                 _allocate_optimizer_state(opt.megatron_optimizer)
             template["optimizer_states"] = [opt.megatron_optimizer.sharded_state_dict(
                 model_state, is_loading=True, metadata=OPTIMIZER_SHARDING) for opt in self.optimizers]
-        return checkpoint_io.load_sharded(path, template)
+        return checkpoint_io.load_sharded(path, template, verify=False)
 
     def load_weights(self, checkpoint_path) -> None:
         """Model weights only (fine-tuning, or several layouts from the same initial weights)."""
