@@ -37,6 +37,14 @@ def check_positive_number(name: str, value, meaning: str) -> None:
         raise ValueError(f"{setting(name, value)}: must be a positive finite number ({meaning})")
 
 
+def check_seconds(name: str, value, meaning: str) -> None:
+    """`value` is a finite number of seconds >= 0 (or None)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{setting(name, value)}: must be a number of seconds >= 0 ({meaning})")
+
+
 def check_batch_sizes(seq_length, micro_batch_size, global_batch_size, data_parallel_size: int | None = None,
                       name: Names = "data.{}".format) -> None:
     """Positive sizes, and a global batch that splits into micro-batches on every data-parallel rank
@@ -56,7 +64,7 @@ def check_batch_sizes(seq_length, micro_batch_size, global_batch_size, data_para
 
 def check_trainer_arguments(max_steps, val_check_interval, limit_val_batches, log_every_n_steps,
                             checkpoint_every_n_steps=None, keep_last_k=None, devices=None, num_nodes=1,
-                            name: Names = "trainer.{}".format) -> None:
+                            hang_timeout=None, name: Names = "trainer.{}".format) -> None:
     """The run's length, its intervals (validation, progress lines, checkpoints) and its processes."""
     check_integer(name("max_steps"), max_steps, 1, "the optimizer steps to train")
     check_integer(name("val_check_interval"), val_check_interval, 1, "the training steps between validations")
@@ -69,6 +77,7 @@ def check_trainer_arguments(max_steps, val_check_interval, limit_val_batches, lo
                   optional=True)
     check_integer(name("devices"), devices, 1, "the processes per node", optional=True)
     check_integer(name("num_nodes"), num_nodes, 1, "the nodes of the run")
+    check_seconds(name("hang_timeout"), hang_timeout, "a process without progress for this long exits; 0: never")
 
 
 def check_learning_rates(lr, min_lr=None, name: Names = "model.optimizer.{}".format) -> None:

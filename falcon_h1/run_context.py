@@ -306,7 +306,7 @@ def check_task_arguments(task) -> None:
         check_trainer_arguments(trainer.max_steps, trainer.val_check_interval, trainer.limit_val_batches,
                                 trainer.log_every_n_steps, getattr(trainer, "checkpoint_every_n_steps", None),
                                 getattr(trainer, "keep_last_k", None), getattr(trainer, "devices", None),
-                                getattr(trainer, "num_nodes", 1))
+                                getattr(trainer, "num_nodes", 1), getattr(trainer, "hang_timeout", None))
     strategy = getattr(trainer, "strategy", None)
     sizes = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
              "context_parallel_size")

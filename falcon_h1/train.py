@@ -18,8 +18,9 @@ FLAGS = {"num_layers": "--num-layers", "seq_length": "--seq-length", "micro_batc
          "global_batch_size": "--global-batch-size", "max_steps": "--max-steps", "lr": "--lr",
          "val_check_interval": "--val-every", "limit_val_batches": "--val-batches", "log_every_n_steps": "--log-every",
          "checkpoint_every_n_steps": "--checkpoint-every", "keep_last_k": "--keep-last",
-         "tensor_model_parallel_size": "--tp", "pipeline_model_parallel_size": "--pp",
-         "virtual_pipeline_model_parallel_size": "--vpp", "context_parallel_size": "--cp"}
+         "hang_timeout": "--hang-timeout", "tensor_model_parallel_size": "--tp",
+         "pipeline_model_parallel_size": "--pp", "virtual_pipeline_model_parallel_size": "--vpp",
+         "context_parallel_size": "--cp"}
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -97,7 +98,7 @@ def check_arguments(args: argparse.Namespace) -> None:
                              "(the warm-up is part of the run)")
     check_learning_rates(args.lr, name=FLAGS.get)
     check_trainer_arguments(args.max_steps, args.val_every, args.val_batches, args.log_every,
-                            args.checkpoint_every, args.keep_last, name=FLAGS.get)
+                            args.checkpoint_every, args.keep_last, hang_timeout=args.hang_timeout, name=FLAGS.get)
     # Under torchrun the world is known now: data parallelism takes what the model layout leaves.
     world = int(os.environ.get("WORLD_SIZE", 1))
     check_parallel_sizes(args.tp, args.pp, args.vpp, args.cp, world_size=world, name=FLAGS.get)

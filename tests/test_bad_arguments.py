@@ -41,6 +41,7 @@ MAIN_JOB = {
     "zero progress interval": (["--log-every", "0"], "error: --log-every 0: must be a positive integer"),
     "zero checkpoint interval": (["--checkpoint-every", "0"], "error: --checkpoint-every 0: must be a positive"),
     "zero checkpoints kept": (["--keep-last", "0"], "error: --keep-last 0: must be a positive integer"),
+    "negative hang timeout": (["--hang-timeout", "-5"], "error: --hang-timeout -5.0: must be a number of seconds >= 0"),
     "zero tensor parallel": (["--tp", "0"], "error: --tp 0: must be a positive integer"),
     "virtual pipeline without a pipeline": (["--vpp", "2"], "error: --vpp 2: interleaves pipeline stages and "
                                                             "needs --pp > 1"),
@@ -123,6 +124,8 @@ COMMAND = {
                                  "error: trainer.val_check_interval=0: must be a positive integer"),
     "zero checkpoints kept": (["--factory", "tiny", "trainer.keep_last_k=0"],
                               "error: trainer.keep_last_k=0: must be a positive integer"),
+    "negative hang timeout": (["--factory", "tiny", "trainer.hang_timeout=-1"],
+                              "error: trainer.hang_timeout=-1.0: must be a number of seconds >= 0"),
     "layout larger than the world": (["--factory", "tiny", "trainer.strategy.tensor_model_parallel_size=2"],
                                      "= 2 ranks per model replica do not divide the 1 processes"),
     "virtual pipeline without a pipeline": (

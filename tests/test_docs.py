@@ -196,6 +196,6 @@ def test_a_broken_command_in_a_doc_fails_the_harness(tmp_path):
     work.mkdir()
     result = run_block(bash, work, tmp_path / "blocks", env)
     assert not result.ok
-    assert "doc-test: this command failed (exit 1): falcon-h1 pretrain --factory no_such_recipe --dryrun" in result.output
+    assert "doc-test: this command failed (exit 2): falcon-h1 pretrain --factory no_such_recipe --dryrun" in result.output
     result = run_block(python, work, tmp_path / "blocks", env)
     assert not result.ok and "cannot import name 'mian'" in result.output, result.output[-2000:]

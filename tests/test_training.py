@@ -195,7 +195,7 @@ def test_missing_data_path_is_named(tmp_path):
 def test_layout_the_world_cannot_hold_is_refused(tmp_path):
     proc = run_cli("--log-dir", str(tmp_path), "--mock-data", "--tp", "2", "--max-steps", "2")
     assert proc.returncode == 2
-    assert "1 processes cannot hold the parallel layout" in proc.stderr and "tensor_model_parallel_size=2" in proc.stderr
+    assert "--tp 2 x --pp 1 x --cp 1 = 2 ranks per model replica do not divide the 1 processes" in proc.stderr
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):

@@ -78,7 +78,8 @@ def begin_save(path: str | os.PathLike) -> None:
     an interrupted save of the same step is replaced; a finished one too, saying so)."""
     path = Path(path)
     if path.is_dir() and not unfinished_marker(path).exists():
-        log.warning("warning: replacing checkpoint %s (this run resumed from an earlier step and has reached it again)", path)
+        log.warning("warning: replacing checkpoint %s (this run resumed from an earlier step and has reached it "
+                    "again)", path)
     mark_unfinished(path)
     shutil.rmtree(path, ignore_errors=True)
     (path / WEIGHTS_DIR).mkdir(parents=True)
@@ -321,7 +322,8 @@ def why_save_failed(path: Path, error: BaseException, previous: Path | None) -> 
     except OSError:
         return cause
     if free < needed:
-        cause += f" ({path.parent} has {free / 2**20:,.0f} MiB free; the previous checkpoint took {needed / 2**20:,.0f} MiB)"
+        cause += (f" ({path.parent} has {free / 2**20:,.0f} MiB free; the previous checkpoint took "
+                  f"{needed / 2**20:,.0f} MiB)")
     return cause
 
 

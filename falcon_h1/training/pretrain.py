@@ -72,7 +72,7 @@ def build_trainer(log_dir: str, max_steps: int, strategy: MegatronStrategy | Non
     (watchdog.HangWatchdog; None or 0: no watchdog).
     """
     check_trainer_arguments(max_steps, val_check_interval, limit_val_batches, log_every_n_steps,
-                            checkpoint_every_n_steps, keep_last_k, devices, num_nodes)
+                            checkpoint_every_n_steps, keep_last_k, devices, num_nodes, hang_timeout)
     if isinstance(strategy, MegatronStrategy):  # its layout against the processes, before any start
         check_parallel_sizes(strategy.tensor_model_parallel_size, strategy.pipeline_model_parallel_size,
                              strategy.virtual_pipeline_model_parallel_size, strategy.context_parallel_size,
