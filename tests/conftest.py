@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,14 @@ def run_session(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | N
     past `timeout`. Output goes through a file, not a pipe, and the whole session is killed
     afterwards: a SIGKILLed trainer leaves checkpoint-writer helper processes behind that would
     otherwise hold a pipe open."""
+    code, output, _, _ = run_session_and_wait_for_its_processes(cmd, cwd, env, timeout, linger=0)
+    return code, output
+
+
+def run_session_and_wait_for_its_processes(cmd: list[str], cwd, env: dict, timeout: float,
+                                           linger: float) -> tuple[int | None, str, float, bool]:
+    """run_session, which also gives the time `cmd` exited and, after waiting up to `linger` seconds
+    for the other processes it started to end by themselves, whether any outlived it (killed then)."""
     with tempfile.TemporaryFile("w+") as output:
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
@@ -51,13 +60,27 @@ def run_session(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | N
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
+        ended = time.time()
+        try:
+            deadline = time.monotonic() + linger
+            while time.monotonic() < deadline and _session_alive(proc.pid):
+                time.sleep(0.2)
+            outlived = _session_alive(proc.pid)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         output.seek(0)
-        return code, output.read()
+        return code, output.read(), ended, outlived
+
+
+def _session_alive(session: int) -> bool:
+    try:
+        os.killpg(session, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def run_in_session(cmd: list[str], timeout: int = 600, env: dict | None = None) -> tuple[int, str]:

@@ -11,13 +11,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from tests.conftest import REPO, step_records
+from tests.conftest import REPO, run_session_and_wait_for_its_processes, step_records
 
 TRAIN = str(REPO / "tests/distributed/train_tiny.py")
 GLOBAL_BATCH = 8
@@ -29,33 +26,10 @@ def run_job(cmd: list[str], timeout: float = 120) -> tuple[int, str, float]:
     exit code, output and the time it ended. After the command itself exits, every process it
     started must end by itself within 10 s (none is left waiting on a dead peer)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    with tempfile.TemporaryFile("w+") as output:
-        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-            ended = time.time()
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _alive(proc.pid):
-                time.sleep(0.2)
-            left = _alive(proc.pid)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        output.seek(0)
-        text = output.read()
-    assert not left, f"processes of the job outlived it:\n{text[-6000:]}"
+    code, text, ended, outlived = run_session_and_wait_for_its_processes(cmd, REPO, env, timeout, linger=10)
+    assert code is not None, f"the job ran past {timeout} s:\n{text[-6000:]}"
+    assert not outlived, f"processes of the job outlived it:\n{text[-6000:]}"
     return code, text, ended
-
-
-def _alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def torchrun(*args: str) -> list[str]:

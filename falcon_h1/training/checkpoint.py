@@ -7,7 +7,6 @@ given path; or it names a checkpoint whose weights only initialize the model (fi
 """
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +81,6 @@ class MegatronCheckpoint(pl.Callback):
             checkpoint_io.remove_interrupted_saves(self.dirpath, before_step=checkpoint_io.checkpoint_step(path))
 
 
-def _global_rank() -> int:
-    """This process's rank before the process group exists (torchrun and Slurm set RANK)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-
-
 def resumed_line(path: str | Path) -> str:
     """`resumed from PATH (step N, consumed_samples M)`, from the checkpoint's context/run.json."""
     _, run_info = checkpoint_io.read_context(path)
@@ -126,15 +120,11 @@ class AutoResume:
             try:
                 chosen = checkpoint_io.check_loadable(finished[-1])
             except checkpoint_io.DamagedCheckpoint as error:
-                chosen = checkpoint_io.previous_complete(finished[-1]) if self.fall_back_if_damaged else None
-                if chosen is None:
-                    raise
-                if _global_rank() == 0:
-                    log.warning(checkpoint_io.falling_back(error, chosen))
+                chosen = checkpoint_io.fall_back_from(error, self.fall_back_if_damaged)
         chosen_step = checkpoint_io.checkpoint_step(chosen) if chosen else -1
         for marker in sorted(Path(checkpoint_dir).glob(f"step=*{checkpoint_io.UNFINISHED_SUFFIX}")):
             step = checkpoint_io.checkpoint_step(marker.name.removesuffix(checkpoint_io.UNFINISHED_SUFFIX))
-            if _global_rank() == 0 and step is not None and step > chosen_step:
+            if pl.utilities.rank_zero_only.rank == 0 and step is not None and step > chosen_step:
                 log.warning("skipping unfinished checkpoint %s (its save was interrupted)", marker)
         return str(chosen) if chosen else None
 

@@ -5,9 +5,8 @@
                      optimizer, LR schedule, loop progress, consumed samples
         context/     config.json (the model as a Hugging Face Falcon-H1 config), run.json
                      (step, consumed samples, parallel layout), tokenizer/ (tokenizer files)
+        checksums.json  size and digest of every file above (checksums.py)
     <checkpoints>/step=0000200-unfinished    present while that save is in progress
-
-    <checkpoints>/step=0000200/checksums.json   size and digest of every file (checksums.py)
 
 A save creates the marker first and removes it only after every rank (and, for async saves,
 every background writer) has finished, so a checkpoint interrupted at any point - killed during
@@ -46,8 +45,9 @@ class DamagedCheckpoint(CheckpointError):
     """A checkpoint whose save finished but whose files changed since: missing, truncated or with
     other content than was written. `what` says so without the advice."""
 
-    def __init__(self, what: str, advice: str):
+    def __init__(self, path: Path, what: str, advice: str):
         super().__init__(f"{what}; {advice}")
+        self.path = path
         self.what = what
 
 
@@ -220,13 +220,21 @@ def damaged(path: str | os.PathLike, problem: str) -> DamagedCheckpoint:
         advice = (f"resume from the previous complete checkpoint with --resume-from {previous} "
                   f"(falcon-h1 and recipes: resume.resume_from_path={previous}), or add --fall-back-if-damaged "
                   "(resume.fall_back_if_damaged=true) to do that automatically")
-    return DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}", advice)
+    return DamagedCheckpoint(Path(path), f"checkpoint {path} is damaged: {problem}", advice)
 
 
-def falling_back(error: DamagedCheckpoint, previous: Path) -> str:
-    """The warning of a run that resumes from `previous` because the latest checkpoint is damaged."""
-    return (f"warning: {error.what}. Resuming from {previous} instead, as fall_back_if_damaged asks; the damaged "
-            "checkpoint stays until this run saves its step again")
+def fall_back_from(error: DamagedCheckpoint, allowed: bool) -> Path:
+    """The checkpoint a run resumes from instead of the damaged one: with `allowed` (AutoResume's
+    fall_back_if_damaged) the previous complete one, said in a warning on rank 0; else `error`."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    previous = previous_complete(error.path) if allowed else None
+    if previous is None:
+        raise error
+    if rank_zero_only.rank == 0:
+        log.warning(f"warning: {error.what}. Resuming from {previous} instead, as fall_back_if_damaged asks; the "
+                    "damaged checkpoint stays until this run saves its step again")
+    return previous
 
 
 def verify_checksums(path: str | os.PathLike) -> None:

@@ -24,7 +24,7 @@ ALGORITHM = "xxh3_128"
 # Left beside a shard by the writer, {"size": ..., "digest": ...}; folded into the manifest.
 _STREAMED_SUFFIX = ".xxh3"
 _SHARD_SUFFIX = ".distcp"
-WRITE_ERROR_SUFFIX = ".write-error"
+_WRITE_ERROR_SUFFIX = ".write-error"
 _READ_CHUNK = 16 << 20
 
 
@@ -80,20 +80,19 @@ class _HashingShard:
             Path(self._path + _STREAMED_SUFFIX).write_text(
                 json.dumps({"size": self._size, "digest": self._hasher.hexdigest()}))
 
-
     def _leave_write_error(self) -> None:
         """Say why the write failed beside the shard: Megatron's writer passes on only the error's
         type. The shard is emptied first, which also frees the space a full disk needs for this."""
         try:
             os.truncate(self._path, 0)
-            Path(self._path + WRITE_ERROR_SUFFIX).write_text(str(self._write_error))
+            Path(self._path + _WRITE_ERROR_SUFFIX).write_text(str(self._write_error))
         except OSError:
             pass
 
 
 def write_errors(directory: str | os.PathLike) -> list[str]:
     """Why shard writes under `directory` failed, as the writers left it."""
-    return [p.read_text() for p in sorted(Path(directory).rglob("*" + WRITE_ERROR_SUFFIX))]
+    return [p.read_text() for p in sorted(Path(directory).rglob("*" + _WRITE_ERROR_SUFFIX))]
 
 
 def _open_hashing_shards(file, mode="r", *args, **kwargs):
@@ -115,15 +114,16 @@ def hash_shards_as_written() -> None:
 def write_manifest(checkpoint: str | os.PathLike) -> Path:
     """Once every file of `checkpoint` is written (rank 0): its checksums.json, made durable."""
     checkpoint = Path(checkpoint)
-    files = {}
+    files, streamed = {}, []
     for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         name = path.relative_to(checkpoint).as_posix()
-        if name == MANIFEST or name.endswith(_STREAMED_SUFFIX):
-            continue
-        size = path.stat().st_size
-        files[name] = {"size": size, "digest": _streamed_digest(path, size) or file_digest(path)}
-    for streamed in checkpoint.rglob("*" + _STREAMED_SUFFIX):
-        streamed.unlink()
+        if name.endswith(_STREAMED_SUFFIX):
+            streamed.append(path)
+        elif name != MANIFEST:
+            size = path.stat().st_size
+            files[name] = {"size": size, "digest": _streamed_digest(path, size) or file_digest(path)}
+    for path in streamed:  # folded into the manifest
+        path.unlink()
     manifest = checkpoint / MANIFEST
     staging = manifest.with_name(MANIFEST + ".tmp")
     with open(staging, "w") as file:

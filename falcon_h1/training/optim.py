@@ -103,7 +103,6 @@ def falcon_h1_optimizer_config(lr: float = 3e-4, **overrides) -> OptimizerConfig
     params_dtype) are filled in from the model config when the optimizer is built."""
     settings = dict(ADAMW, lr=lr, weight_decay=0.1)
     settings.update(overrides)
-    check_learning_rates(settings["lr"], settings.get("min_lr"))
     return OptimizerConfig(**settings)
 
 

@@ -140,8 +140,13 @@ class TrainingResult:
         return "\n".join(lines)
 
 
+def callback_of(trainer: pl.Trainer, kind: type):
+    """The trainer's callback of class `kind`, None if it has none."""
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
 def checkpoint_callback(trainer: pl.Trainer) -> MegatronCheckpoint | None:
-    return next((c for c in trainer.callbacks if isinstance(c, MegatronCheckpoint)), None)
+    return callback_of(trainer, MegatronCheckpoint)
 
 
 def run_directory(trainer: pl.Trainer) -> Path:
@@ -180,14 +185,14 @@ def pretrain(model, data, trainer: pl.Trainer, resume: AutoResume | None = None)
         directory = run_directory(trainer)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    watchdog = next((c for c in trainer.callbacks if isinstance(c, HangWatchdog)), None)
+    watchdog = callback_of(trainer, HangWatchdog)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     finally:
         if watchdog is not None:  # fit has returned, or raised after its teardown
             watchdog.close()
-    plot = next((c for c in trainer.callbacks if isinstance(c, LossPlot)), None)
-    throughput = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+    plot = callback_of(trainer, LossPlot)
+    throughput = callback_of(trainer, ThroughputMonitor)
     metrics = trainer.callback_metrics
     checkpoint, loss_plot = getattr(checkpointer, "last_checkpoint", None), getattr(plot, "plot_path", None)
     result = TrainingResult(
@@ -424,7 +429,7 @@ def run_config(model, data, trainer: pl.Trainer, resume: AutoResume, resumed_fro
     from falcon_h1.model.param_count import parameter_count
 
     checkpointer = checkpoint_callback(trainer)
-    progress = next((c for c in trainer.callbacks if isinstance(c, ProgressPrinter)), None)
+    progress = callback_of(trainer, ProgressPrinter)
     trainer_config = {
         "log_dir": str(run_directory(trainer)),
         "max_steps": trainer.max_steps,
@@ -437,7 +442,7 @@ def run_config(model, data, trainer: pl.Trainer, resume: AutoResume, resumed_fro
         "log_every_n_steps": progress.log_every_n_steps if progress else trainer.log_every_n_steps,
         "strategy": {"class": _class_name(trainer.strategy), **constructor_arguments(trainer.strategy)},
     }
-    watchdog = next((c for c in trainer.callbacks if isinstance(c, HangWatchdog)), None)
+    watchdog = callback_of(trainer, HangWatchdog)
     if watchdog is not None:
         trainer_config["hang_timeout"] = watchdog.timeout
     if checkpointer is not None:

@@ -397,12 +397,7 @@ class MegatronStrategy(DDPStrategy):
         try:
             checkpoint_io.verify_checksums(path)
         except checkpoint_io.DamagedCheckpoint as error:
-            previous = checkpoint_io.previous_complete(path) if self.fall_back_if_damaged else None
-            if previous is None:
-                raise
-            if self.is_global_zero:
-                log.warning(checkpoint_io.falling_back(error, previous))
-            return self.load_checkpoint(previous)
+            return self.load_checkpoint(checkpoint_io.fall_back_from(error, self.fall_back_if_damaged))
         return dict(self._load_verified(path), checkpoint_path=str(path))
 
     def _load_verified(self, path: Path) -> dict:

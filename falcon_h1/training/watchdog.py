@@ -36,6 +36,9 @@ import threading
 import time
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_only
+
+from falcon_h1.arguments import check_seconds
 
 # Long enough for a checkpoint save or a validation of a large model between two beats.
 DEFAULT_HANG_TIMEOUT = 1800.0
@@ -43,14 +46,9 @@ SHUTDOWN_TIMEOUT = 60.0
 
 
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:  # noqa: BLE001 - the rank only labels the message
-        pass
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    """This process's global rank: Lightning's, from the launcher's environment until the strategy
+    sets up the processes, the process group's after."""
+    return rank_zero_only.rank
 
 
 def _stderr():
@@ -100,8 +98,7 @@ class HangWatchdog(pl.Callback):
 
     def __init__(self, timeout: float | None = DEFAULT_HANG_TIMEOUT, shutdown_timeout: float = SHUTDOWN_TIMEOUT,
                  backstop_margin: float | None = None):
-        if timeout is not None and timeout < 0:
-            raise ValueError(f"hang timeout {timeout} must be >= 0 seconds (0 or None: no watchdog)")
+        check_seconds("hang_timeout", timeout, "a process without progress for this long exits; 0: never")
         self.timeout = float(timeout) if timeout else None
         self.shutdown_timeout = shutdown_timeout
         self.backstop_margin = backstop_margin if backstop_margin is not None else \
