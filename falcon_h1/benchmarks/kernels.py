@@ -6,7 +6,8 @@ For each preset's Mamba shape (heads, head dim, state, groups, chunk) and length
 implementation first runs forward and backward on fresh random inputs and is compared with the
 float32 torch reference on the same inputs (relative norm error of the output and of every input
 gradient); then its forward+backward is timed (CUDA events, median of repeats after warm-up).
-SSD: mamba_ssm's Triton kernels and the chunked torch scan. (flash-linear-attention's chunked
+SSD: the project's Triton scan (falcon_h1/kernels/ssd_triton.py), mamba_ssm's Triton kernels and
+the chunked torch scan. (flash-linear-attention's chunked
 simple-GLA kernels compute the same scan, but fla-core 0.6 refuses their backward on Hopper with
 Triton < 3.7.1, which gives wrong gradients there; the GPU image has Triton 3.6.)
 Conv: the causal-conv1d package's CUDA kernel, the project's Triton kernel
@@ -50,10 +51,11 @@ def mamba_shape_of(c) -> dict:
 
 def ssd_implementations() -> dict:
     """name -> fn(x, dt_raw, A, B, C, D, dt_bias, shape) -> y, each from the raw dt the mixer has."""
-    impls = {}
+    impls = {"triton": lambda x, dt, A, B, C, D, dt_bias, s: ssd_scan(
+        x, dt, A, B, C, chunk_size=s["chunk"], D=D, dt_bias=dt_bias, dt_limit=s["dt_limit"], backend="triton")}
     if _importable("falcon_h1.kernels.mamba_ssm_triton"):
         impls["mamba_ssm"] = lambda x, dt, A, B, C, D, dt_bias, s: ssd_scan(
-            x, dt, A, B, C, chunk_size=s["chunk"], D=D, dt_bias=dt_bias, dt_limit=s["dt_limit"], backend="gpu")
+            x, dt, A, B, C, chunk_size=s["chunk"], D=D, dt_bias=dt_bias, dt_limit=s["dt_limit"], backend="mamba_ssm")
     impls["torch"] = lambda x, dt, A, B, C, D, dt_bias, s: ssd_scan_torch(
         x, discretize_dt(dt, dt_bias, s["dt_limit"]), A, B, C, s["chunk"], D=D)
     return impls
