@@ -104,8 +104,9 @@ class HybridMixer(MegatronModule):
         if config.mamba_proj_bias and layout.ssm_segments:
             self.ssm_in_bias = parameter(torch.zeros(layout.in_proj_rows - layout.attention_rows))
             mark_replicated_rows(self.ssm_in_bias, layout.ssm_segments)
-        scale, bias_scale = self._input_multipliers(config, layout.in_proj)
-        self.register_buffer("in_proj_scale", scale.to(device), persistent=False)
+        scale, bias_scale, all_ones = self._input_multipliers(config, layout.in_proj)
+        # Multipliers of 1 on every row (the 1.5B preset) need no scaling pass over the weight.
+        self.register_buffer("in_proj_scale", None if all_ones else scale.to(device), persistent=False)
         self.register_buffer("in_proj_bias_scale", bias_scale.to(device), persistent=False)
 
         if layout.attention_heads:
@@ -170,7 +171,7 @@ class HybridMixer(MegatronModule):
 
     @staticmethod
     def _input_multipliers(config, segments: tuple[Segment, ...]):
-        """Per-row scale of the in-projection output, and of its bias.
+        """Per-row scale of the in-projection output, of its bias, and whether the first is all ones.
 
         HF computes q = q_proj(h * attn_in), k = k_proj(h * attn_in) * key_mult,
         [z x B C dt] = mamba.in_proj(h * ssm_in) * ssm_multipliers: a row's GEMM output is scaled
@@ -181,7 +182,7 @@ class HybridMixer(MegatronModule):
         pre = dict(q=a_in, k=a_in, v=a_in, z=s_in, x=s_in, B=s_in, C=s_in, dt=s_in)
         scale = torch.cat([torch.full((s.rows,), pre[s.name] * post[s.name]) for s in segments])
         bias_scale = torch.cat([torch.full((s.rows,), post[s.name]) for s in segments])
-        return scale, bias_scale
+        return scale, bias_scale, all(pre[s.name] * post[s.name] == 1 for s in segments)
 
     @staticmethod
     def _mamba_init(config, layout):
@@ -213,7 +214,8 @@ class HybridMixer(MegatronModule):
         # [s, b, rows], multipliers applied; all-gathered over TP under SP
         proj, _ = row_scaled_linear(self.in_proj, hidden_states, in_scale)
         if "in_proj" in self.adapters:
-            proj = proj + (self.adapters["in_proj"](hidden_states) * in_scale).to(proj.dtype)
+            lora = self.adapters["in_proj"](hidden_states)
+            proj = proj + (lora if in_scale is None else lora * in_scale).to(proj.dtype)
         in_bias = self._in_proj_bias()
         if in_bias is not None:
             proj = proj + (in_bias * buffer_for_autograd(self.in_proj_bias_scale, self.config)).to(proj.dtype)
@@ -250,7 +252,7 @@ class HybridMixer(MegatronModule):
         for bias, rows in ((self.qkv_bias, layout.attention_rows),
                            (self.ssm_in_bias, layout.in_proj_rows - layout.attention_rows)):
             if rows:
-                parts.append(bias if bias is not None else self.in_proj_scale.new_zeros(rows))
+                parts.append(bias if bias is not None else self.in_proj_bias_scale.new_zeros(rows))
         return torch.cat(parts)
 
     def _out_bias(self):
