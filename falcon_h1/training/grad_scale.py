@@ -12,9 +12,14 @@ uses), so both factors ride on that load:
   scales with its argument), and sets the clip factor as Megatron computes it;
 - grad_scale = tokens / clip factor, one scalar for every parameter.
 
-The fused kernel writes the divided gradient back, so after the step the gradients are what
+torch's fused kernel writes the divided gradient back, so after its step the gradients are what
 Megatron's passes would have left, up to rounding (tests/test_training_parts.py checks this on the
-CPU's fused kernel).
+CPU's fused kernel). The project's Triton AdamW (optim.TritonAdamW, on CUDA) divides them as it
+reads them and leaves them summed over tokens: nothing reads the gradients after the step (the
+next step's zero_grad_buffer clears them), and not writing them saves 4 bytes a parameter.
+
+The same gradient norm serves the NaN/Inf check (grad_checks.py): with check_for_nan_in_grad the
+strategy leaves the check to it, and `step` raises before any update when it is NaN or Inf.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from falcon_h1.training.grad_checks import params_left_out_of_the_norm
 
 
 def _inner_optimizers(optimizer) -> list:
@@ -38,6 +45,7 @@ class FusedGradScale:
         self.optimizer = optimizer
         self.num_tokens: torch.Tensor | None = None
         self.grad_check = None  # the NaN/Inf check finalize left pending (grad_checks.DeferredGradCheck)
+        self._left_out: list | None = None  # params_left_out_of_the_norm, found at the first checked step
         # (torch optimizer, its grad_scale tensor on its parameters' device); a rank whose shard of
         # the distributed optimizer holds none of an optimizer's parameters has nothing to scale.
         self._grad_scales = []
@@ -66,7 +74,8 @@ class FusedGradScale:
         context-parallel ranks (the last pipeline stage has it; the others receive it), as
         Megatron's finalize_model_grads does before it would divide the gradients by it.
         `grad_check`'s NaN/Inf verdict is read in `step`, after the gradient norm's host sync, so
-        that finalizing makes none: the CPU prepares the step while the GPU ends the backward."""
+        that finalizing makes none: the CPU prepares the step while the GPU ends the backward;
+        once the check was left to the gradient norm (check_gradient_norm), the norm is checked."""
         self.grad_check = grad_check
         if dist.is_initialized():
             pp_group = parallel_state.get_pipeline_model_parallel_group()
@@ -86,9 +95,14 @@ class FusedGradScale:
         num_tokens, self.num_tokens = self.num_tokens, None
         grad_check, self.grad_check = self.grad_check, None
         overflow = optimizer.prepare_grads()  # fp16 loss scaling found an Inf or NaN
+        left_out_norm = None
+        if grad_check is not None and not grad_check.bucket_norms and not overflow:
+            left_out_norm = self._left_out_norm()  # queued before the sync, read after it
         raw_norm = None if overflow else optimizer.get_grad_norm()  # the step's host sync
-        if grad_check is not None:
-            grad_check.verify()  # raises on a NaN or Inf gradient, before any weight changes
+        if grad_check is not None:  # both raise on a NaN or Inf gradient, before any weight changes
+            grad_check.verify()  # the bucket norms backward took, unless the check was left to the norm
+            if raw_norm is not None:
+                grad_check.verify_gradient_norm(float(raw_norm), left_out_norm)
         if overflow:  # skip the step, as Megatron does
             return False, None, None
         tokens = max(float(num_tokens.item()), 1.0)
@@ -103,3 +117,13 @@ class FusedGradScale:
         if math.isfinite(threshold) and grad_norm > threshold:
             return False, grad_norm, num_zeros
         return optimizer.step_with_ready_grads(), grad_norm, num_zeros
+
+    def _left_out_norm(self) -> torch.Tensor | None:
+        """The norm (on the device) of this rank's gradients the gradient norm leaves out, or None
+        when it counts them all (TP = 1 without shared parameters: nothing more to read)."""
+        if self._left_out is None:
+            self._left_out = params_left_out_of_the_norm(self.optimizer)
+        grads = [p.grad for p in self._left_out if p.grad is not None]
+        if not grads:
+            return None
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

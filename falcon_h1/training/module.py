@@ -89,14 +89,18 @@ class FalconH1Module(pl.LightningModule):
         tokenizer_dir: a Hugging Face tokenizer directory stored with every checkpoint.
         peft: a LoRA scheme: the base weights are frozen, only the adapters train, and
             checkpoints hold the adapters alone (with the path of the base checkpoint).
+        triton_adamw: on CUDA with bf16 weights, AdamW steps in one Triton kernel that also
+            writes the bf16 model weights (optim.TritonAdamW); False: torch's fused AdamW, then
+            a copy of the main weights into the model's.
     """
 
     def __init__(self, config: FalconH1Config, optimizer: OptimizerConfig | None = None,
                  lr_schedule: LRSchedule | None = None, tokenizer_dir: str | None = None,
-                 peft: LoRA | None = None):
+                 peft: LoRA | None = None, triton_adamw: bool = True):
         super().__init__()
         self.config = config
         self.peft = peft
+        self.triton_adamw = triton_adamw
         self.optimizer_config = optimizer or falcon_h1_optimizer_config()
         check_learning_rates(self.optimizer_config.lr, self.optimizer_config.min_lr)
         self.lr_schedule = lr_schedule or LRSchedule()
@@ -165,7 +169,7 @@ class FalconH1Module(pl.LightningModule):
             resolved_min_lr(self.optimizer_config)
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config)
+        optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config, self.triton_adamw)
         count_replicated_rows_once(optimizer)
         # Read by the strategy's gradient finalization, which then leaves the 1/tokens to the step.
         self.fused_grad_scale = FusedGradScale(optimizer) if FusedGradScale.applies_to(optimizer) else None

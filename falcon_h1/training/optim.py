@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from falcon_h1.arguments import check_integer, check_learning_rates
+from falcon_h1.kernels.adamw import MultiTensorAdamW
 from falcon_h1.training.grad_norm import use_foreach_grad_norm
 
 DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
@@ -114,8 +116,12 @@ def resolved_min_lr(optimizer_config: OptimizerConfig) -> float:
     return optimizer_config.min_lr
 
 
-def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_config):
-    """Megatron's optimizer over DDP-wrapped model chunks, its precision taken from the model."""
+def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_config, triton_adamw: bool = True):
+    """Megatron's optimizer over DDP-wrapped model chunks, its precision taken from the model.
+
+    On CUDA with bf16 weights and `triton_adamw`, AdamW steps in one Triton kernel that also writes
+    the bf16 model weights (TritonAdamW); otherwise torch's fused AdamW steps, and one launch
+    copies the main weights into the model's."""
     optimizer_config = dataclasses.replace(
         optimizer_config, bf16=model_config.bf16, fp16=model_config.fp16, params_dtype=model_config.params_dtype,
         min_lr=resolved_min_lr(optimizer_config))  # copied into every param group: the schedule reads it there
@@ -125,6 +131,13 @@ def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_confi
         _use_fused_adam(inner.optimizer)
         if isinstance(inner, DistributedOptimizer):
             _keep_step_on_state_load(inner)
+        copies = main_to_model_copies(inner)
+        if copies is None:
+            continue
+        adamw = None
+        if triton_adamw and TritonAdamW.applies_to(inner) and all(main.is_cuda for main in copies):
+            adamw = TritonAdamW(inner, copies)
+        copy_main_params_in_one_launch(inner, copies, adamw)
     return optimizer
 
 
@@ -139,6 +152,139 @@ def _use_fused_adam(torch_optimizer) -> None:
     for state in torch_optimizer.state.values():  # fused keeps each step as a float32 tensor beside its parameter
         if isinstance(state.get("step"), torch.Tensor):
             state["step"] = state["step"].to(torch.float32)
+
+
+def main_to_model_copies(optimizer) -> dict | None:
+    """Each float32 main parameter of a Megatron mixed-precision optimizer, and the model-weight
+    memory that its _copy_main_params_to_model_params casts it into after every step (for the
+    distributed optimizer: this rank's shard of the parameter, in DDP's parameter buffer). None
+    where that copy is more than a cast (Megatron FSDP, FP8/FP4 weights, the precision-aware
+    optimizer) or the optimizer keeps no main parameters (float32 training).
+
+    The memory is looked up once: DDP's buffers stay where they are for the run (Megatron moves
+    them only to offload them to the CPU, which this project does not do)."""
+    if isinstance(optimizer, DistributedOptimizer):
+        ddp_config = optimizer.ddp_config
+        if (ddp_config.use_megatron_fsdp or ddp_config.fp8_param_gather or ddp_config.fp4_param_gather
+                or optimizer.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                or optimizer.config.reuse_grad_buf_for_mxfp8_param_ag):
+            return None
+        copies = {}
+        for mains, models in ((optimizer.shard_fp32_from_float16_groups, optimizer.model_float16_groups),
+                              (optimizer.shard_fp32_groups, optimizer.model_fp32_groups)):
+            for main_group, model_group in zip(mains, models):
+                for main, model in zip(main_group, model_group):
+                    if optimizer._is_distopt_quantized_param(model):
+                        return None  # FP8 weights: Megatron quantizes, not casts
+                    world = optimizer._get_model_param_range_map(model)["gbuf_world_in_bucket"]
+                    buffer_index, _, bucket_index = optimizer.model_param_gbuf_map[model]
+                    buffer = optimizer.buffers[buffer_index].buckets[bucket_index].param_data
+                    copies[main] = buffer.view(-1)[world.start:world.end]
+        return copies
+    if isinstance(optimizer, Float16OptimizerWithFloat16Params):
+        if optimizer.is_stub_optimizer:
+            return {}
+        return {main: model.data for mains, models in zip(optimizer.fp32_from_float16_groups, optimizer.float16_groups)
+                for main, model in zip(mains, models)}
+    return None
+
+
+def copy_main_params_in_one_launch(optimizer, copies: dict, adamw: "TritonAdamW | None" = None) -> None:
+    """Megatron copies each main parameter into its model weight with a copy_ of its own, a few
+    hundred launches after every step; torch._foreach_copy_ casts them all in one, to the same
+    bf16 values (round to nearest even, as copy_). A float32 parameter's main parameter is its
+    model memory already (the distributed optimizer's shard view): no copy. After `adamw`'s kernel
+    step, which wrote the model weights itself, there is nothing left to copy."""
+    mains = [main for main, model in copies.items() if model.data_ptr() != main.data_ptr()]
+    models = [copies[main] for main in mains]
+
+    def copy_main_params_to_model_params():
+        if adamw is not None and adamw.wrote_model_params:
+            adamw.wrote_model_params = False
+            return
+        if mains:
+            torch._foreach_copy_(models, mains)
+
+    optimizer._copy_main_params_to_model_params = copy_main_params_to_model_params
+
+
+class TritonAdamW:
+    """Steps a Megatron optimizer's torch AdamW with falcon_h1.kernels.adamw: one kernel per param
+    group reads each main weight, gradient and moment once and writes the weight, the moments and
+    the bf16 model weight; the gradient is divided by the optimizer's `grad_scale` (grad_scale.py)
+    as it is read and, unlike in torch's kernel, not written back. 30 bytes a parameter instead of
+    torch's 32 and Megatron's copy's 6; the same arithmetic as torch's fused CUDA AdamW (see the
+    kernel). Steps torch's way where the kernel does not apply at step time (a closure, or a
+    `found_inf` from torch's GradScaler).
+
+    Installed as the torch optimizer's `step`; the checkpointed state is torch's own (`step`,
+    `exp_avg`, `exp_avg_sq` of each parameter)."""
+
+    def __init__(self, optimizer, copies: dict):
+        self.torch_optimizer = optimizer.optimizer
+        # The bf16 model weight of each main parameter that has one apart from itself.
+        self.models = {main: model for main, model in copies.items() if model.data_ptr() != main.data_ptr()}
+        self.wrote_model_params = False  # read (and cleared) by the main-to-model copy after the step
+        self._kernels: dict[tuple[int, bool], MultiTensorAdamW] = {}  # (param group, with model copy)
+        self._torch_step = self.torch_optimizer.step
+        self.torch_optimizer.step = self.step
+
+    @staticmethod
+    def applies_to(optimizer) -> bool:
+        """torch's AdamW (decoupled weight decay) over float32 main parameters with bf16 model
+        weights, without amsgrad, maximize, capturable or tensor hyperparameters."""
+        torch_optimizer = getattr(optimizer, "optimizer", None)
+        if type(torch_optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or not optimizer.config.bf16 \
+                or optimizer.config.fp16 or optimizer.config.use_precision_aware_optimizer:
+            return False
+        for group in torch_optimizer.param_groups:
+            if not group.get("decoupled_weight_decay", type(torch_optimizer) is torch.optim.AdamW) \
+                    or group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"]:
+                return False
+            if any(torch.is_tensor(group[key]) for key in ("lr", "weight_decay", "eps")) \
+                    or any(torch.is_tensor(beta) for beta in group["betas"]):
+                return False
+            if any(p.dtype != torch.float32 for p in group["params"]):
+                return False
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        torch_optimizer = self.torch_optimizer
+        if closure is not None or getattr(torch_optimizer, "found_inf", None) is not None:
+            self.wrote_model_params = False
+            return self._torch_step(closure)
+        grad_scale = getattr(torch_optimizer, "grad_scale", None)
+        for index, group in enumerate(torch_optimizer.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self._state(p) for p in params]
+            beta1, beta2 = group["betas"]
+            for with_model in (True, False):
+                chosen = [(p, state) for p, state in zip(params, states) if (p in self.models) == with_model]
+                if not chosen:
+                    continue
+                kernel = self._kernels.setdefault((index, with_model), MultiTensorAdamW())
+                kernel.step([p for p, _ in chosen], [p.grad for p, _ in chosen],
+                            [state["exp_avg"] for _, state in chosen], [state["exp_avg_sq"] for _, state in chosen],
+                            [state["step"] for _, state in chosen],
+                            [self.models[p] for p, _ in chosen] if with_model else None,
+                            lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+                            eps=group["eps"], grad_scale=grad_scale)
+        self.wrote_model_params = True
+        return None
+
+    def _state(self, param: torch.Tensor) -> dict:
+        """The parameter's AdamW state, made as torch makes it on a first step (a float32 step
+        count on the parameter's device, zero moments)."""
+        state = self.torch_optimizer.state[param]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        elif state["step"].device != param.device or state["step"].dtype != torch.float32:
+            state["step"] = state["step"].to(param.device, torch.float32)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
 
 
 def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:

@@ -32,6 +32,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
 from falcon_h1 import cpu_compat
+from falcon_h1.kernels import wgrad_fusion
 from falcon_h1.model.config import config_to_hf
 from falcon_h1.model.tensor_parallel import sync_replicated_grads, sync_replicated_params
 from falcon_h1.training import checkpoint_io, checksums
@@ -64,6 +65,10 @@ class MegatronStrategy(DDPStrategy):
             from their checksums), resume from the previous complete one, warning, instead of
             stopping. `pretrain` sets it from AutoResume.
         seed: base seed of the parameter initialization and of Megatron's RNG streams.
+        gradient_accumulation_fusion: on GPU, each weight-gradient GEMM adds into DDP's float32
+            gradient buffer itself (Megatron's gradient_accumulation_fusion, with torch's addmm in
+            Apex's place: falcon_h1/kernels/wgrad_fusion.py) instead of writing a bf16 gradient
+            that DDP then adds. Off on CPU.
     """
 
     strategy_name = "megatron"
@@ -72,13 +77,15 @@ class MegatronStrategy(DDPStrategy):
                  virtual_pipeline_model_parallel_size: int | None = None, context_parallel_size: int = 1,
                  sequence_parallel: bool = False, ddp: DistributedDataParallelConfig | None = None,
                  async_save: bool = False, restore_weights_from: str | None = None,
-                 fall_back_if_damaged: bool = False, seed: int = 1234, **kwargs):
+                 fall_back_if_damaged: bool = False, seed: int = 1234, gradient_accumulation_fusion: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
         self.tensor_model_parallel_size = tensor_model_parallel_size
         self.pipeline_model_parallel_size = pipeline_model_parallel_size
         self.virtual_pipeline_model_parallel_size = virtual_pipeline_model_parallel_size
         self.context_parallel_size = context_parallel_size
         self.sequence_parallel = sequence_parallel
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self.ddp_config = ddp
         self.async_save = async_save
         self.restore_weights_from = restore_weights_from
@@ -125,6 +132,10 @@ class MegatronStrategy(DDPStrategy):
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
             context_parallel_size=self.context_parallel_size,
             sequence_parallel=self.sequence_parallel and self.tensor_model_parallel_size > 1,
+            # The model is always wrapped in Megatron DDP here, which gives each weight the main_grad
+            # the fused GEMM accumulates into (without it, Megatron's fused backward fails).
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion and self.root_device.type == "cuda"
+            and wgrad_fusion.install(),
             calculate_per_token_loss=True,
         )
         if (model.config.microbatch_group_size_per_vp_stage or 0) < self.pipeline_model_parallel_size:
@@ -208,6 +219,10 @@ class MegatronStrategy(DDPStrategy):
         self.model = module
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
+            if self._grad_check is not None and module.fused_grad_scale is not None:
+                # Its step takes the norm of all gradients anyway: that norm finds a NaN or Inf,
+                # and backward skips the bucket norms' pass over them (grad_checks.py).
+                self._grad_check.check_gradient_norm()
         self.setup_precision_plugin()
 
     def _check_data(self, trainer) -> None:
@@ -470,7 +485,7 @@ def _finalize_grads(module, grad_check, model_chunks, num_tokens=None, **kwargs)
     scaling), then the sum over TP replicas of the mixer's replicated rows, then the NaN/Inf check
     of the local gradients (grad_checks.py), before the optimizer step. With the fused Adam taking
     the per-token scaling (grad_scale.py), only the token count is reduced here, and the NaN/Inf
-    check is read by its step."""
+    check is made by its step, on its gradient norm."""
     fused = module.fused_grad_scale is not None and num_tokens is not None
     finalize_model_grads(model_chunks, None if fused else num_tokens, **kwargs)
     group = parallel_state.get_tensor_model_parallel_group()
