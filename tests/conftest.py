@@ -52,16 +52,19 @@ def run_session(cmd: list[str], cwd, env: dict, timeout: float) -> tuple[int | N
 def run_session_and_wait_for_its_processes(cmd: list[str], cwd, env: dict, timeout: float,
                                            linger: float) -> tuple[int | None, str, float, bool]:
     """run_session, which also gives the time `cmd` exited and, after waiting up to `linger` seconds
-    for the other processes it started to end by themselves, whether any outlived it (killed then)."""
+    for the other processes it started to end by themselves, whether any outlived it (killed then).
+    The session is killed however the wait ends (also a test timeout or ^C interrupting it): its
+    own session keeps it from the signals the test run gets."""
     with tempfile.TemporaryFile("w+") as output:
         proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
+        note_session(proc.pid)
         try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        ended = time.time()
-        try:
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                code = None
+            ended = time.time()
             deadline = time.monotonic() + linger
             while time.monotonic() < deadline and _session_alive(proc.pid):
                 time.sleep(0.2)
@@ -73,6 +76,16 @@ def run_session_and_wait_for_its_processes(cmd: list[str], cwd, env: dict, timeo
                 pass
         output.seek(0)
         return code, output.read(), ended, outlived
+
+
+def note_session(session: int) -> None:
+    """Where FALCON_H1_TEST_SESSIONS names a file (tests/gpu/run.sh sets it), add the id of a
+    process session a test started: when a time limit kills the test run, whatever the session
+    still runs (a training, its ranks) has escaped the kill, and the script ends it by this id."""
+    path = os.environ.get("FALCON_H1_TEST_SESSIONS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{session}\n")
 
 
 def _session_alive(session: int) -> bool:

@@ -11,7 +11,8 @@ step of one global batch (micro-batch x DP x micro-batches per step), timed with
 synchronised at both ends. Model FLOPs are counted as in docs/flops.md; MFU is against the bf16
 GEMM rate measured on this GPU at the start (a large square matmul), not the datasheet peak.
 On one GPU each length also gets, in the same process and with the same batch:
-- transformers' FalconH1ForCausalLM training step (hf_step.py; bf16 autocast, fused AdamW);
+- transformers' FalconH1ForCausalLM training step (hf_step.py; bf16 autocast, fused AdamW), on its
+  Mamba kernel path and on its torch path; the faster is the peer, the row prints both;
 - a pure-attention Megatron Core GPT of the same parameter count (gpt_step.py);
 - the component roofline (roofline.py): the best kernel time of each component (GEMMs, attention,
   SSD scan, conv, norms, loss, optimizer) summed, and the step's time over that sum.
@@ -35,7 +36,9 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from falcon_h1.benchmarks.hf_step import MAMBA_PATHS, PATH_FIELD, peer_of_paths
 from falcon_h1.benchmarks.timing import cuda_kernel_ms
+from falcon_h1.kernels import BACKENDS
 
 
 # Config overrides that leave the model's function and shape alone, so the peers still compare.
@@ -236,8 +239,16 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
             continue
         peer_args = dict(preset=preset, seq_length=seq_length, batch=ours["global_batch_size"], steps=steps,
                          warmup=warmup, gemm=gemm)
+
+        def measure(stack, **stack_args):
+            args = dict(peer_args, **stack_args)
+            return _row_in_child(stack, args) if in_children else peer_row(stack, **args)
+
         for stack in ("transformers", "megatron_gpt"):
-            row = _row_in_child(stack, peer_args) if in_children else peer_row(stack, **peer_args)
+            if stack == "transformers":  # each Mamba path in a process of its own on GPU; the faster is the peer
+                row = peer_of_paths({path: measure(stack, mamba_path=path) for path in MAMBA_PATHS})
+            else:
+                row = measure(stack)
             rows.append(dict(row, preset=preset, device=ours["device"], steps=steps, date=ours["date"],
                              gemm_tflops=gemm, layout=dict(tp=1, pp=1, cp=1, dp=1, sp=False), gpus=1))
             _announce(rows[-1])
@@ -250,8 +261,9 @@ def run_bench(preset: str = "1.5b", seq_lengths: list[int] | None = None, micro_
 
 
 def peer_row(stack: str, preset: str, seq_length: int, batch: int, steps: int, warmup: int,
-             gemm: float | None) -> dict:
-    """The row of a peer stack ("transformers" or "megatron_gpt") at the same shape and batch."""
+             gemm: float | None, **stack_args) -> dict:
+    """The row of a peer stack ("transformers" or "megatron_gpt") at the same shape and batch;
+    `stack_args` are the stack's own (transformers: mamba_path)."""
     from falcon_h1.benchmarks.gpt_step import bench_gpt_step
     from falcon_h1.benchmarks.hf_step import bench_transformers_step
     from falcon_h1.convert.dist_checkpoint import single_process_megatron
@@ -263,7 +275,7 @@ def peer_row(stack: str, preset: str, seq_length: int, batch: int, steps: int, w
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=torch.device("cuda", torch.cuda.current_device()))
     with single_process_megatron():
-        row = bench(preset, seq_length, batch, steps, warmup, gemm)
+        row = bench(preset, seq_length, batch, steps, warmup, gemm, **stack_args)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -294,7 +306,7 @@ def format_table(rows: list[dict]) -> str:
              "| x roofline |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         layout = " ".join(f"{k}{v}" for k, v in r["layout"].items() if k != "sp") + (" sp" if r["layout"]["sp"] else "")
-        stack = r["stack"] + (f" ({r['mamba_path']} Mamba path)" if "mamba_path" in r else "")
+        stack = _stack_label(r)
         if "error" in r:
             lines.append(f"| {stack} | {r['preset']} | {r['seq_length']} | {r['global_batch_size']} | {layout} | "
                          f"{r['error']} | | | | | |")
@@ -310,10 +322,38 @@ def format_table(rows: list[dict]) -> str:
             parts = ", ".join(f"{name} {ms:.1f}" for name, ms in r["roofline_parts_ms"].items())
             lines.append(f"\nroofline {r['preset']} {r['global_batch_size']}x{r['seq_length']}: {r['roofline_ms']:.1f} ms "
                          f"= {parts} (ms; {r['roofline_implementations']})")
+    for r in rows:
+        peer = _transformers_peer_of(r, rows)
+        if peer:
+            lines.append(f"\nfalcon_h1 / transformers, {r['preset']} {r['global_batch_size']}x{r['seq_length']}: "
+                         f"{r['tokens_per_sec_per_gpu'] / peer['tokens_per_sec_per_gpu']:.2f}x "
+                         f"(transformers' faster measured Mamba path: {peer['mamba_path']})")
     device = rows[0]["device"] if rows else "?"
     gemm = rows[0]["gemm_tflops"] if rows else None
     lines.append(f"\n{device}; MFU against the measured bf16 GEMM rate" + (f" {gemm:.0f} TFLOP/s" if gemm else " (none on CPU)"))
     return "\n".join(lines)
+
+
+def _stack_label(row: dict) -> str:
+    """The stack, and for transformers the Mamba path it ran and each path's tokens/s (or why none)."""
+    if "mamba_path" not in row:
+        return row["stack"]
+    paths = []
+    for path, field in PATH_FIELD.items():
+        if f"{field}_error" in row:
+            paths.append(f"{path}: {row[f'{field}_error']}")
+        elif row.get(f"{field}_tokens_per_s"):
+            paths.append(f"{path} {row[f'{field}_tokens_per_s']:,.0f} tokens/s")
+    return f"{row['stack']} ({row['mamba_path']} Mamba path" + (f"; {', '.join(paths)}" if paths else "") + ")"
+
+
+def _transformers_peer_of(row: dict, rows: list[dict]) -> dict | None:
+    """The measured transformers row of the same shape and batch as this project's `row`, if any."""
+    if row["stack"] != "falcon_h1" or "error" in row:
+        return None
+    return next((r for r in rows if r["stack"] == "transformers" and "error" not in r
+                 and (r["preset"], r["seq_length"], r["global_batch_size"])
+                 == (row["preset"], row["seq_length"], row["global_batch_size"])), None)
 
 
 def main(argv=None) -> int:
@@ -339,6 +379,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="capture each layer's forward and backward in CUDA graphs after the first step "
                              "(cuda_graph_impl=local)")
+    parser.add_argument("--kernel-backend", default="auto", choices=BACKENDS,
+                        help="the model's kernels (falcon_h1.kernels); mamba_ssm: its SSD scan in place of the "
+                             "project's")
     parser.add_argument("--profile", action="store_true",
                         help="profile one step after warm-up and print its top kernels and ops (left out of the median)")
     parser.add_argument("--json", help="write the rows here")
@@ -353,6 +396,8 @@ def main(argv=None) -> int:
         return 0
     overrides = {"num_layers": args.num_layers} if args.num_layers else {}
     overrides.update(recompute_overrides(args.recompute))
+    if args.kernel_backend != "auto":
+        overrides["kernel_backend"] = args.kernel_backend
     if args.cuda_graphs:
         overrides["cuda_graph_impl"] = "local"
     run_bench(args.preset, args.seq_lengths, args.micro_batch_size, args.micro_batches, args.tp, args.pp, args.cp,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Add to .whl/ the wheels that `import nemo_run` (and so the recipes and the falcon-h1 command)
-# and the checkpoint checksums (xxhash) need beyond the GPU image (which has torch, lightning,
+# the checkpoint checksums (xxhash) and tests/gpu/run.sh (pytest-xdist) need beyond the GPU image (which has torch, lightning,
 # transformers, rich, typer, jinja2, ...), at the versions of this project's virtual environment. Run from the repo root after
 # ../shared/device/wheels.sh.
 set -euo pipefail
@@ -11,7 +11,7 @@ names=(nemo_run torchx fabric invoke paramiko PyNaCl bcrypt cryptography cffi de
        opentelemetry-api opentelemetry-sdk opentelemetry-exporter-prometheus opentelemetry-proto
        opentelemetry-semantic-conventions google-api-core google-auth googleapis-common-protos h2 hpack hyperframe
        importlib_metadata contextlib2 lazy-importer ledoc-ui wcwidth inquirerpy pfzy prompt_toolkit exceptiongroup
-       pyasn1 pyasn1-modules rsa cachetools proto-plus deprecated xxhash)
+       pyasn1 pyasn1-modules rsa cachetools proto-plus deprecated xxhash pytest-xdist execnet)
 specs=()
 for name in "${names[@]}"; do
   version=$("$PY" -m pip show "$name" 2>/dev/null | awk '/^Version:/{print $2}' || true)

@@ -23,8 +23,7 @@ def launch(nproc: int, *args: str, expect_kill: bool = False) -> str:
         cmd = [sys.executable, TRAIN, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN, *args]
-    # Training runs Triton's default (tf32) float32 dots, like users do, not the kernel tests' IEEE.
-    code, text = run_in_session(cmd, timeout=900, env={"TRITON_F32_DEFAULT": "tf32"})
+    code, text = run_in_session(cmd, timeout=900)
     if expect_kill:
         assert code != 0, "the run was meant to be killed"
     elif code != 0:
