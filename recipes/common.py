@@ -128,8 +128,10 @@ def pretraining(paths: list[str] | str | None = None, tokenizer: str | None = No
                 micro_batch_size: int | None = None, global_batch_size: int | None = None,
                 seed: int = 1234) -> run.Config[pl.LightningDataModule]:
     """`data=pretraining(paths=PREFIX,tokenizer=DIR)`: Megatron indexed datasets (made by
-    `python -m falcon_h1.data.preprocess`) with their tokenizer. Several prefixes are blended by
-    `weights` (default: by size); on the command line give lists as overrides after the factory,
+    `python -m falcon_h1.data.preprocess`) with their tokenizer. A path is a dataset prefix or a
+    sharded dataset, read as one (its PREFIX.manifest.json, its prefix or its directory).
+    Several are blended by `weights` (default: by size; normalised); on the command line give
+    lists as overrides after the factory,
     `'data.paths=["web","code"]' 'data.weights=[0.7,0.3]'` (nemo-run splits a factory's
     arguments at every comma). Sizes not given are the recipe's."""
     return run.Config(PreTrainingDataModule, paths=paths, tokenizer_dir=tokenizer, split=split, seed=seed,
@@ -155,7 +157,7 @@ def mock_data(size: Size) -> run.Config[pl.LightningDataModule]:
 
 
 def indexed_data(paths, tokenizer_dir: str, size: Size) -> run.Config[pl.LightningDataModule]:
-    """Megatron indexed datasets (python -m falcon_h1.data.preprocess) with their tokenizer."""
+    """Megatron indexed datasets (python -m falcon_h1.data.preprocess), sharded or not, with their tokenizer."""
     return pretraining(paths=paths, tokenizer=tokenizer_dir, **sizes(size))
 
 

@@ -174,6 +174,23 @@ def build_web_jsonl(path: Path) -> Path:
     return path
 
 
+def build_parquet_dir(path: Path) -> Path:
+    """A Parquet dataset as web corpora come (FineWeb's layout): files of rows with a "text" column
+    and others beside it; the paragraphs of Python's help topics, over three files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pydoc_data.topics import topics
+
+    paragraphs = [p.strip() for topic in topics.values() for p in topic.split("\n\n") if len(p.strip()) > 200]
+    path.mkdir(parents=True)
+    for part in range(3):
+        rows = paragraphs[part::3]
+        table = pa.table({"id": [f"{part}-{i}" for i in range(len(rows))], "text": rows,
+                          "language": ["en"] * len(rows)})
+        pq.write_table(table, path / f"train-{part:05d}-of-00003.parquet")
+    return path
+
+
 def build_code_dir(path: Path) -> Path:
     """Source files: the standard library's json, email and http packages."""
     import shutil

@@ -30,7 +30,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.doc_blocks import (STATUSES, block_environment, build_checkpoint, build_code_dir, build_hf_dir,
-                              build_sft_jsonl, build_tokenizer, build_web_jsonl, parse_doc, run_block, status_problems)
+                              build_parquet_dir, build_sft_jsonl, build_tokenizer, build_web_jsonl, parse_doc,
+                              run_block, status_problems)
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -40,7 +41,8 @@ FIXTURES = {
     "tok/": ("README.md, docs/recipes.md: your data's tokenizer", build_tokenizer),  # the bundled corpus's
     "web.jsonl": ("README.md, docs/recipes.md: your text, one {\"text\": ...} per line",
                   build_web_jsonl),  # paragraphs of Python's help topics
-    "code/": ("README.md: a directory of your source files", build_code_dir),  # stdlib json, email, http
+    "code/": ("README.md, docs/training.md: a directory of your source files", build_code_dir),  # stdlib json, email, http
+    "parquet/": ("docs/training.md: your web text as Parquet files", build_parquet_dir),  # help topics, 3 files
     "sft.jsonl": ("README.md, docs/recipes.md: your prompt/response pairs", build_sft_jsonl),  # 256 made-up pairs
     "hf/falcon-h1-1.5b": ("docs/conversion.md: a Hugging Face Falcon-H1 directory, e.g. a download",
                           build_hf_dir),  # the tiny preset saved by transformers, random weights

@@ -1,4 +1,4 @@
-"""Data modules for pretraining: Megatron indexed datasets (blended, split) and mock data.
+"""Data modules for pretraining: Megatron indexed datasets (sharded, blended, split) and mock data.
 
 Both yield, per step, dicts of [global_batch_size / data-parallel size, seq_length] tensors -
 tokens, labels, loss_mask, position_ids - (the module cuts them into micro-batches) through
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from falcon_h1.arguments import check_batch_sizes
 from falcon_h1.data.sampler import MegatronPretrainingSampler
+from falcon_h1.data.sharded import cache_prefix, check_tokenizer, dataset_path, document_count, is_sharded, read_shards
 
 # Train, validation, test proportions of each dataset's documents, everywhere a split is not given
 # (the main job python -m falcon_h1.train, the recipes, PreTrainingDataModule).
@@ -47,9 +48,9 @@ def _weight(value) -> float | None:
 
 
 def parse_blend(paths) -> tuple[list[str], list[float] | None]:
-    """A dataset prefix, a list of prefixes (equal weight by size), or Megatron's flat
-    [weight, prefix, weight, prefix, ...] list (weights as numbers or numeric strings)
-    -> (prefixes, weights)."""
+    """A dataset path, a list of paths (weighted by size), or Megatron's flat
+    [weight, path, weight, path, ...] list (weights as numbers or numeric strings)
+    -> (paths, weights). A path is a prefix or a sharded dataset (falcon_h1.data.sharded)."""
     if isinstance(paths, (str, os.PathLike)):
         return [str(paths)], None
     paths = list(paths)
@@ -80,12 +81,11 @@ def documents_needed(ranges: list[tuple[float, float] | None]) -> int:
 
 def check_split_sizes(prefixes: list[str], split: str, num_samples: tuple[int, int, int]) -> None:
     """Every split the run reads must get a document of every dataset: Megatron would loop forever
-    filling a split's samples from none (megatron-core 0.19, GPTDataset._get_num_epochs)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    filling a split's samples from none (megatron-core 0.19, GPTDataset._get_num_epochs). A sharded
+    dataset is split as one (its documents counted across its shards)."""
     ranges = [r if r is not None and samples > 0 else None for r, samples in zip(split_ranges(split), num_samples)]
     for prefix in prefixes:
-        count = len(IndexedDataset(prefix).sequence_lengths)
+        count = document_count(prefix)
         empty = [name for name, r in zip(SPLIT_NAMES, ranges) if r and round(r[1] * count) <= round(r[0] * count)]
         if empty:
             fix = f", or data.split='{count - 1},1,0' (one validation document)" if count > 1 else ""
@@ -103,6 +103,34 @@ def check_dataset_prefixes(prefixes: list[str]) -> None:
                 f"dataset {prefix!r} not found: {', '.join(missing)} does not exist. Give the prefix of a "
                 "Megatron indexed dataset (the path without .bin/.idx); make one from jsonl or text with "
                 "`python -m falcon_h1.data.preprocess`")
+
+
+def resolve_datasets(paths: list[str], tokenizer_dir: str) -> list[str]:
+    """Each dataset path as Megatron is given it (sharded.dataset_path), checked: a prefix's files,
+    a sharded dataset's manifest, shards and tokenizer. Cheap (file headers), before any index work."""
+    resolved = []
+    for path in paths:
+        path = dataset_path(path)
+        if is_sharded(path):
+            check_tokenizer(read_shards(path), tokenizer_dir)
+        elif not any(Path(f"{path}{ext}").exists() for ext in (".bin", ".idx")):
+            raise FileNotFoundError(
+                f"dataset {path!r} not found: neither {path}.bin/.idx nor {path}.manifest.json exists. Give the "
+                "prefix of a Megatron indexed dataset (the path without .bin/.idx), a shard manifest "
+                "(PREFIX.manifest.json) or a directory of shards; make them from jsonl or text with "
+                "`python -m falcon_h1.data.preprocess`")
+        else:
+            check_dataset_prefixes([path])
+        resolved.append(path)
+    return resolved
+
+
+def check_weights(paths: list[str], weights: list[float] | None) -> None:
+    """Megatron asserts positive blend weights only once every dataset's index is built."""
+    for path, weight in zip(paths, weights or []):
+        if not weight > 0:
+            raise ValueError(f"blend weight {weight} of {path!r} is not positive: give each dataset a weight > 0 "
+                             "(weights are normalised to sum to 1), or leave the dataset out")
 
 
 class _SizedDataModule(pl.LightningDataModule):
@@ -160,10 +188,12 @@ class PreTrainingDataModule(_SizedDataModule):
     """Megatron GPTDatasets over indexed datasets (`python -m falcon_h1.data.preprocess` makes them).
 
     Args:
-        paths: a dataset prefix, a list of prefixes, Megatron's [weight, prefix, ...] blend, or a
-            dict {"train": ..., "validation": ..., "test": ...} of those for separate splits.
+        paths: a dataset, a list of datasets, Megatron's [weight, dataset, ...] blend, or a dict
+            {"train": ..., "validation": ..., "test": ...} of those for separate splits. A dataset is
+            a prefix (PREFIX.bin/.idx), or a sharded dataset read as one: its manifest
+            (PREFIX.manifest.json), its prefix, or its directory (falcon_h1.data.sharded).
         tokenizer_dir: the Hugging Face tokenizer the data was tokenized with.
-        weights: blend weights of a list of prefixes, one each (default: by size).
+        weights: blend weights of a list of datasets, one each (default: by size); normalised.
         split: train/validation/test proportions of each dataset's documents (ignored with a dict of
             splits); every non-zero part must get a document of every dataset.
         seed: shuffling seed of the sample order.
@@ -186,11 +216,12 @@ class PreTrainingDataModule(_SizedDataModule):
         self.index_mapping_dir = index_mapping_dir
         self.eod_mask_loss = eod_mask_loss
         self.weights = weights
-        self._blend, self._blend_per_split = self._parse_paths(paths, weights)
+        self._blend, self._blend_per_split = self._parse_paths(paths, weights, self.tokenizer_dir)
         self.tokenizer = None
 
     @staticmethod
-    def _parse_paths(paths, weights):
+    def _parse_paths(paths, weights, tokenizer_dir):
+        """(blend, blend per split) for Megatron, every dataset path resolved and checked."""
         if not paths:
             raise ValueError("no pretraining data: give data.paths=PREFIX (a dataset made by "
                              "`python -m falcon_h1.data.preprocess`), or a list of them")
@@ -202,9 +233,10 @@ class PreTrainingDataModule(_SizedDataModule):
             if unknown:
                 raise ValueError(f"data paths dict has unknown splits {sorted(unknown)}; use train, validation, test")
             per_split = [parse_blend(paths[s]) if paths.get(s) else None for s in ("train", "validation", "test")]
-            for blend in per_split:
-                if blend:
-                    check_dataset_prefixes(blend[0])
+            per_split = [(resolve_datasets(blend[0], tokenizer_dir), blend[1]) if blend else None
+                         for blend in per_split]
+            for blend in filter(None, per_split):
+                check_weights(*blend)
             return None, per_split
         blend = parse_blend(paths)
         if weights is not None:
@@ -215,14 +247,16 @@ class PreTrainingDataModule(_SizedDataModule):
                 raise ValueError(f"data.weights={list(weights)} has {len(weights)} values for {len(blend[0])} "
                                  f"paths {blend[0]}: give one weight per path")
             blend = (blend[0], [float(w) for w in weights])
-        check_dataset_prefixes(blend[0])
+        blend = (resolve_datasets(blend[0], tokenizer_dir), blend[1])
+        check_weights(*blend)
         return blend, None
 
     def setup(self, stage: str = "") -> None:
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+        from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
         from falcon_h1.data.preprocess import load_tokenizer
+        from falcon_h1.data.sharded_dataset import ShardedGPTDataset
 
         if hasattr(self, "_train"):
             return
@@ -236,16 +270,19 @@ class PreTrainingDataModule(_SizedDataModule):
             tokenizer=_DatasetTokenizer(self.tokenizer), reset_position_ids=False, reset_attention_mask=False,
             eod_mask_loss=self.eod_mask_loss, create_attention_mask=False, path_to_cache=self._index_cache(),
             mmap_bin_files=True)
-        builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+        # One class for every dataset (BlendedDataset asserts its datasets share one): GPTDataset's
+        # reading of a prefix, and a sharded dataset read as one indexed dataset.
+        builder = BlendedMegatronDatasetBuilder(ShardedGPTDataset, list(num_samples), lambda: True, config)
         self._train, self._validation, self._test = builder.build()
         if self._train is None:
             raise ValueError(f"the data {self.paths!r} has no training split (split={self.split!r})")
 
     def _index_cache(self) -> str | None:
-        """Megatron caches a dataset's sample index next to it by default (PREFIX/cache/), but a
-        blend's index nowhere, saying so on every run: give a blend the first dataset's."""
+        """Megatron caches a dataset's sample index next to it by default (PREFIX/cache/; for a
+        sharded dataset, see sharded.cache_prefix), but a blend's index nowhere, saying so on every
+        run: give a blend the first dataset's."""
         if self.index_mapping_dir is None and self._blend and len(self._blend[0]) > 1:
-            return os.path.join(self._blend[0][0], "cache")
+            return os.path.join(cache_prefix(self._blend[0][0]), "cache")
         return self.index_mapping_dir
 
 

@@ -250,7 +250,9 @@ def indexed_dataset_size(prefix: str) -> tuple[int, int]:
 
 
 def _dataset_sizes(prefixes: list[str]) -> str:
-    sizes = [indexed_dataset_size(prefix) for prefix in prefixes]
+    from falcon_h1.data.sharded import shard_prefixes
+
+    sizes = [indexed_dataset_size(shard) for prefix in prefixes for shard in shard_prefixes(prefix)]
     return f"{human_number(sum(t for t, _ in sizes))} tokens, {sum(d for _, d in sizes):,} documents"
 
 
