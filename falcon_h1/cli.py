@@ -6,6 +6,7 @@
     falcon-h1 finetune --factory falcon_h1_7b resume.restore_weights_from=ckpts/falcon-h1-7b
     falcon-h1 import source=hf/Falcon-H1-7B-Base output=ckpts/falcon-h1-7b
     falcon-h1 export checkpoint=runs/x/checkpoints/step=0001000 output=exports/x
+    falcon-h1 preprocess --input web/ --output-prefix data/web --tokenizer tok/ --shard-size 2GB --tasks 8
 
 `nemo falcon ...` is the same (the package registers the namespace with nemo-run). Unlike
 nemo-run's own command, this one exits non-zero when the command fails (a typo, a bad value).
@@ -18,6 +19,13 @@ NAMESPACE = "falcon"
 
 def main(argv: list[str] | None = None) -> int:
     import os
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["preprocess"]:
+        # Flags like preprocess.py's (--input A B --shard-size S), not nemo-run's KEY=VALUE: its own parser.
+        from falcon_h1.preprocess_tasks import main as preprocess
+
+        return preprocess(args[1:])
 
     os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
     # torchrun's agent logs at nemo-run's default level INFO: ~45 lines of rendezvous details a run.
@@ -34,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     # package is installed (nemo-run's own `nemo` command finds it through the entry point).
     app = Typer(pretty_exceptions_enable=False)
     _add_typer_nested(app, {NAMESPACE: list_entrypoints()[NAMESPACE]})
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
         # sys.argv stays as the user typed it: Lightning starts the other processes of a multi-device
         # run (trainer.devices=N without an executor) by re-running it.
