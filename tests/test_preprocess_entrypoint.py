@@ -13,6 +13,7 @@ import pytest
 
 from falcon_h1.data.preprocess import preprocess
 from tests.conftest import REPO, cli_env, falcon_h1_cli, note_session
+from tests.test_slurm import cluster, job_id_in, needs_slurm  # noqa: F401,F811 (cluster: the local Slurm, a fixture)
 
 INPUTS = 40
 WORDS = "red green blue cyan magenta yellow black white".split()
@@ -62,6 +63,23 @@ def test_two_local_tasks_write_the_shards_and_manifest_one_process_writes(tmp_pa
     assert sorted(ours) == sorted(one_process)
     assert all(ours[name] == one_process[name] for name in ours)  # shards, records and the manifest, byte for byte
     assert "skipped 0 inputs already complete" in proc.stdout
+    assert f"wrote {tmp_path / 'out' / 'data.manifest.json'}" in proc.stdout
+
+
+@needs_slurm
+def test_two_tasks_on_slurm_write_the_shards_and_manifest_one_process_writes(cluster, tmp_path, inputs, one_process):
+    files, tokenizer = inputs
+    proc = falcon_h1_cli(*flags(files, tokenizer, tmp_path / "out" / "data", "--tasks", "2", "--executor", "slurm",
+                                "--account", "proj"), tmp_path=tmp_path, cwd=tmp_path, env=cluster.env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    job = cluster.job(job_id_in(proc.stdout))
+    # One job of 2 srun tasks, on the CPU.
+    assert (job["JobState"], job["JobName"], job["NumTasks"], job["Account"]) == ("COMPLETED", "preprocess", "2",
+                                                                                  "proj")
+    assert "gres/gpu" not in job.get("TRES", "") + job.get("TresPerNode", "")
+    ours = written(tmp_path / "out")
+    assert sorted(ours) == sorted(one_process)
+    assert all(ours[name] == one_process[name] for name in ours)  # shards, records and the manifest, byte for byte
     assert f"wrote {tmp_path / 'out' / 'data.manifest.json'}" in proc.stdout
 
 
