@@ -276,6 +276,25 @@ def _column_texts(path: Path, column, first_row: int) -> list[str]:
     return texts
 
 
+def _record_batch_texts(path: Path, batches, text_key: str, read: dict) -> Iterator[str]:
+    """The texts of Arrow record batches, counting the rows and batches read into `read` (the
+    readers' progress); a batch that cannot be read names the row it starts at."""
+    import pyarrow as pa
+
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as error:
+            raise ValueError(f"{path}: row {read['rows']}: cannot read ({_reason(error)}); the file is damaged: "
+                             f"re-create it or leave it out of --input") from None
+        if batch is None:
+            return
+        texts = _column_texts(path, batch.column(batch.schema.get_field_index(text_key)), read["rows"])
+        read["rows"] += batch.num_rows
+        read["batches"] += 1
+        yield from texts
+
+
 def _parquet_batches(path: Path, text_key: str, batch_chars: int) -> Iterator[tuple[list[str], int]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -288,24 +307,10 @@ def _parquet_batches(path: Path, text_key: str, batch_chars: int) -> Iterator[tu
         _text_column(path, parquet.schema_arrow, text_key)
         total_rows = max(parquet.metadata.num_rows, 1)
         nbytes = path.stat().st_size
-        rows = 0
-
-        def texts():
-            nonlocal rows
-            batches = parquet.iter_batches(batch_size=1024, columns=[text_key], use_threads=False)
-            while True:
-                try:
-                    batch = next(batches, None)
-                except (pa.ArrowException, OSError) as error:
-                    raise ValueError(f"{path}: row {rows}: cannot read ({_reason(error)}); the file is damaged: "
-                                     f"re-create it or leave it out of --input") from None
-                if batch is None:
-                    return
-                texts = _column_texts(path, batch.column(0), rows)
-                rows += batch.num_rows
-                yield from texts
-
-        yield from _batched(texts(), lambda: nbytes * rows // total_rows, batch_chars)
+        read = {"rows": 0, "batches": 0}
+        batches = parquet.iter_batches(batch_size=1024, columns=[text_key], use_threads=False)
+        yield from _batched(_record_batch_texts(path, batches, text_key, read),
+                            lambda: nbytes * read["rows"] // total_rows, batch_chars)
 
 
 def _arrow_batches(path: Path, text_key: str, batch_chars: int) -> Iterator[tuple[list[str], int]]:
@@ -317,11 +322,12 @@ def _arrow_batches(path: Path, text_key: str, batch_chars: int) -> Iterator[tupl
         raise ValueError(f"{path}: cannot read ({_reason(error)})") from None
     with source:
         nbytes = path.stat().st_size
+        read = {"rows": 0, "batches": 0}
         try:  # the IPC file format first; `datasets` writes the stream format
             reader = pa.ipc.open_file(source)
             count = max(reader.num_record_batches, 1)
             record_batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            position = lambda: nbytes * batches // count  # noqa: E731
+            position = lambda: nbytes * read["batches"] // count  # noqa: E731
         except pa.ArrowInvalid:
             source.seek(0)
             try:
@@ -331,22 +337,4 @@ def _arrow_batches(path: Path, text_key: str, batch_chars: int) -> Iterator[tupl
             record_batches = iter(reader)
             position = source.tell  # a stream is read front to back: the mapped file's position is the progress
         _text_column(path, reader.schema, text_key)
-        rows = batches = 0
-
-        def texts():
-            nonlocal rows, batches
-            while True:
-                try:
-                    batch = next(record_batches, None)
-                except (pa.ArrowException, OSError) as error:
-                    raise ValueError(f"{path}: row {rows}: cannot read ({_reason(error)}); the file is damaged: "
-                                     f"re-create it or leave it out of --input") from None
-                if batch is None:
-                    return
-                column = batch.column(batch.schema.get_field_index(text_key))
-                texts = _column_texts(path, column, rows)
-                rows += batch.num_rows
-                batches += 1
-                yield from texts
-
-        yield from _batched(texts(), position, batch_chars)
+        yield from _batched(_record_batch_texts(path, record_batches, text_key, read), position, batch_chars)
