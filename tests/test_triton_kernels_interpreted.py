@@ -87,6 +87,34 @@ print("RESULTS", json.dumps(results))
 """
 
 
+ROPE = r"""
+import json, torch
+from falcon_h1.kernels.rope import rope_torch, rope_triton
+from falcon_h1.model.rotary import RotaryEmbedding
+
+torch.manual_seed(0)
+results = []
+# (s, b, heads, head_dim, per-row angles): 6 heads (not a power of 2), 2 (GQA keys), head dim 64
+# and 128 (Falcon-H1's), 96 (a half under its block), angles per row as packed documents give them.
+for s, b, heads, head_dim, per_row in [(7, 2, 6, 64, False), (5, 3, 2, 128, True), (4, 1, 3, 96, False)]:
+    proj = torch.randn(s, b, heads * head_dim + 5)
+    t = proj[..., 3:3 + heads * head_dim].reshape(s, b, heads, head_dim)  # a strided view, as q of the in-projection
+    table = RotaryEmbedding(head_dim, 1e11)(64, torch.device("cpu"))
+    positions = torch.randint(0, 64, (s, b))
+    freqs = table[positions].squeeze(2) if per_row else table[:s]  # [s, b, 1, d] or [s, 1, 1, d]
+    grad = torch.randn(s, b, heads, head_dim)
+    outputs = []
+    for fn in (rope_torch, rope_triton):
+        leaf = t.detach().clone().requires_grad_(True)
+        y = fn(leaf, freqs)
+        y.backward(grad)
+        outputs.append([y, leaf.grad])
+    results.append(dict(shape=[s, b, heads, head_dim], per_row=per_row, contiguous=outputs[1][0].is_contiguous(),
+                        errors=[((y - x).norm() / x.norm()).item() for x, y in zip(*outputs)]))
+print("RESULTS", json.dumps(results))
+"""
+
+
 CROSS_ENTROPY = r"""
 import json, os, tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -222,6 +250,16 @@ def test_rms_norm_kernels_match_torch_in_the_interpreter():
     assert len(results) == 2
     for case in results:
         assert max(case["errors"]) < 1e-5, case  # y, dx, dweight
+
+
+def test_rope_kernel_matches_torch_in_the_interpreter():
+    """RoPE on a strided view of the in-projection, odd head counts, head dims 64/96/128, one angle
+    per position or per (position, row) as packed documents give: output and input gradient."""
+    results = interpreted(ROPE)
+    assert len(results) == 3
+    for case in results:
+        assert case["contiguous"], case
+        assert max(case["errors"]) < 1e-6, case  # y, dt
 
 
 def test_fused_cross_entropy_matches_torch_in_the_interpreter():

@@ -108,7 +108,8 @@ class StepProfiler(pl.Callback):
         if trainer.global_step == self.step:
             torch.cuda.synchronize()
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   record_shapes=True)
             self.profiler.__enter__()
             self.start = time.perf_counter()
 
@@ -130,15 +131,17 @@ class StepProfiler(pl.Callback):
         for title, rows in (
                 ("kernels by GPU time", sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in kernels),
                                                reverse=True)[:25]),
-                ("torch ops by GPU time (self)", sorted(((e.self_device_time_total / 1e3, e.count, e.key) for e in events
-                                                         if e.key.startswith("aten::") and e.self_device_time_total),
-                                                        reverse=True)[:20]),
+                # By input shapes: which of the model's tensors each elementwise, copy or cat pass touches.
+                ("torch ops by GPU time (self), with input shapes",
+                 sorted(((e.self_device_time_total / 1e3, e.count, f"{e.key} {e.input_shapes}")
+                         for e in self.profiler.key_averages(group_by_input_shape=True)
+                         if e.key.startswith("aten::") and e.self_device_time_total), reverse=True)[:30]),
                 ("CPU ops by CPU time (total)", sorted(((e.cpu_time_total / 1e3, e.count, e.key) for e in events
                                                         if e.device_type == torch.autograd.DeviceType.CPU),
                                                        reverse=True)[:25])):
             print(f"  {title}:")
             for ms, count, name in rows:
-                print(f"    {ms:8.2f} ms {count:6d}x  {name[:110]}")
+                print(f"    {ms:8.2f} ms {count:6d}x  {name[:160]}")
         self.profiler = None
 
 

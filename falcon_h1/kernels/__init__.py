@@ -3,7 +3,8 @@
 backend="auto": on CUDA tensors, the fastest measured GPU kernels that are installed: the SSD scan
 is the project's Triton scan (ssd_triton.py), or mamba_ssm's at head dims above 64 (see
 PROJECT_SCAN_MAX_HEAD_DIM); mamba_ssm's Triton gated RMSNorm; the causal-conv1d package's CUDA
-kernel (or, without it, the project's Triton conv). Otherwise the pure-torch versions.
+kernel (or, without it, the project's Triton conv); the project's Triton RoPE. Otherwise the
+pure-torch versions.
 backend="torch": always the pure-torch versions (the CPU path, and the oracle for the GPU tests).
 backend="gpu": as "auto", failing loudly where a GPU kernel is missing.
 backend="triton" / "mamba_ssm": as "gpu", with that SSD scan at every shape.
@@ -19,6 +20,7 @@ import torch
 from falcon_h1.kernels.conv1d import causal_conv1d_cuda, causal_conv1d_torch
 from falcon_h1.kernels.conv1d_triton import causal_conv1d_triton
 from falcon_h1.kernels.gated_norm import gated_rms_norm_torch, gated_rms_norm_triton
+from falcon_h1.kernels.rope import rope_torch, rope_triton
 from falcon_h1.kernels.ssd import discretize_dt, ssd_scan_torch
 from falcon_h1.kernels.ssd_triton import ssd_scan_triton
 
@@ -129,4 +131,11 @@ def gated_rms_norm(y, z, weight, *, eps, group_size, norm_before_gate,
                                 sum_squares_across_ranks)
 
 
-__all__ = ["BACKENDS", "causal_conv1d", "gated_rms_norm", "ssd_scan"]
+def rotary(t, freqs, *, backend="auto"):
+    """RoPE on t [s, b, heads, head_dim] with angles freqs [s, 1 or b, 1, head_dim]; see rope.py."""
+    if _gpu_kernel(t, backend, "triton"):
+        return rope_triton(t, freqs)
+    return rope_torch(t, freqs)
+
+
+__all__ = ["BACKENDS", "causal_conv1d", "gated_rms_norm", "rotary", "ssd_scan"]

@@ -11,17 +11,17 @@ the result is the same up to rounding). With G_t the cumulative sum of a inside 
     y_i  = sum_{j<=i} (C_i . B_j) exp(G_i - G_j) dt_j x_j + exp(G_i) S_in C_i + D x_i
     S_out = exp(G_last) S_in + sum_j exp(G_last - G_j) dt_j x_j B_j^T
 
-Forward: _dt_cumsum, _states_fwd, _output_fwd; backward: those two again (the states are
-recomputed, not kept), _dstates_bwd, _dx_bwd, _dbc_bwd, _dt_bwd:
-  _dt_cumsum      dt = clamp(softplus(dt_raw + bias)) and G, per head, as [b, h, L] float32;
-  _states_fwd     the state entering every chunk, one sequential loop over the chunks that keeps the
+Forward: _ssd_dt_cumsum, _ssd_states_fwd, _ssd_output_fwd; backward: those two again (the states are
+recomputed, not kept), _ssd_dstates_bwd, _ssd_dx_bwd, _ssd_dbc_bwd, _ssd_dt_bwd:
+  _ssd_dt_cumsum      dt = clamp(softplus(dt_raw + bias)) and G, per head, as [b, h, L] float32;
+  _ssd_states_fwd     the state entering every chunk, one sequential loop over the chunks that keeps the
                   state in registers (mamba_ssm writes float32 chunk states, then passes them on in
                   a second kernel);
-  _output_fwd     y per chunk; C.B^T is formed once per chunk and group and reused by its heads;
-  _dstates_bwd    the gradient of the state leaving every chunk, the same loop run backwards;
-  _dx_bwd         dx, and the part of d(dt) that flows through dt_j x_j;
-  _dbc_bwd        dB and dC summed over the heads of a group in registers, and dG per head;
-  _dt_bwd         d(dt_raw), and partial sums of dA and d(dt_bias).
+  _ssd_output_fwd     y per chunk; C.B^T is formed once per chunk and group and reused by its heads;
+  _ssd_dstates_bwd    the gradient of the state leaving every chunk, the same loop run backwards;
+  _ssd_dx_bwd         dx, and the part of d(dt) that flows through dt_j x_j;
+  _ssd_dbc_bwd        dB and dC summed over the heads of a group in registers, and dG per head;
+  _ssd_dt_bwd         d(dt_raw), and partial sums of dA and d(dt_bias).
 The gradient of the decays uses dG_t = C_t . dC_t - B_t . dB_t (per head, plus the state terms at
 the chunk's last token), reverse-summed inside the chunk into d(a).
 
@@ -44,7 +44,7 @@ except ImportError:  # CPU-only installs
     triton = None
 
 # chunk: tokens per chunk; block_n: state columns per program of the sequential kernels and of
-# _dbc_bwd; heads: heads sharing one C.B^T in _output_fwd and _dx_bwd; warps, stages: Triton's
+# _ssd_dbc_bwd; heads: heads sharing one C.B^T in _ssd_output_fwd and _ssd_dx_bwd; warps, stages: Triton's
 # num_warps and num_stages. From benchmarks/ssd_tiles.py's sweep on an H200.
 TILE = dict(chunk=64, block_n=64, state_n=32, heads=8, warps=4, stages=3, keep_states=True)
 
@@ -81,7 +81,7 @@ if triton is not None:
         return tl.where(x > 20.0, x, log1p)
 
     @triton.jit
-    def _dt_cumsum(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, G_out_ptr, length, heads, padded_length,
+    def _ssd_dt_cumsum(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, G_out_ptr, length, heads, padded_length,
                    stride_db, stride_dl, stride_dh, dt_min, dt_max,
                    T: tl.constexpr, HAS_LIMIT: tl.constexpr):
         pid_bh, c = tl.program_id(0), tl.program_id(1)
@@ -100,7 +100,7 @@ if triton is not None:
         tl.store(G_out_ptr + out, G)
 
     @triton.jit
-    def _dt_bwd(dG_ptr, ddt_ptr, dt_ptr, dt_raw_ptr, bias_ptr, A_ptr, ddt_raw_ptr, dA_ptr, dbias_ptr,
+    def _ssd_dt_bwd(dG_ptr, ddt_ptr, dt_ptr, dt_raw_ptr, bias_ptr, A_ptr, ddt_raw_ptr, dA_ptr, dbias_ptr,
                 batch, length, heads, chunks, padded_length, n_blocks,
                 stride_db, stride_dl, stride_dh, stride_ob, stride_ol, stride_oh, dt_min, dt_max,
                 T: tl.constexpr, HAS_LIMIT: tl.constexpr):
@@ -151,7 +151,7 @@ if triton is not None:
         return tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
 
     @triton.jit
-    def _states_fwd(x_ptr, B_ptr, dt_ptr, G_ptr, init_ptr, states_ptr, final_ptr, seq_ptr,
+    def _ssd_states_fwd(x_ptr, B_ptr, dt_ptr, G_ptr, init_ptr, states_ptr, final_ptr, seq_ptr,
                     length, heads, heads_per_group, chunks, head_dim, d_state, padded_length,
                     stride_xb, stride_xl, stride_xh, stride_Bb, stride_Bl, stride_Bg, stride_sb,
                     T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -197,7 +197,7 @@ if triton is not None:
                        stride_Bb, stride_Bl, stride_Bg, stride_Cb, stride_Cl, stride_Cg, stride_sb,
                        T: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
                        PRECISION: tl.constexpr):
-        """A program over one chunk and HEADS heads of a group (_output_fwd, _dx_bwd): its batch row,
+        """A program over one chunk and HEADS heads of a group (_ssd_output_fwd, _ssd_dx_bwd): its batch row,
         chunk, first head, tokens, B and C rows, the group's C.B^T and the (i, j) pairs that count."""
         pid_h, pid_bc = tl.program_id(0), tl.program_id(1)  # programs sharing a chunk run together
         b, c = pid_bc // chunks, pid_bc % chunks
@@ -216,7 +216,7 @@ if triton is not None:
         return (i[:, None] >= i[None, :]) & (doc[:, None] == doc[None, :])
 
     @triton.jit
-    def _output_fwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, D_ptr, states_ptr, y_ptr, seq_ptr,
+    def _ssd_output_fwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, D_ptr, states_ptr, y_ptr, seq_ptr,
                     length, heads, heads_per_group, chunks, head_dim, d_state, padded_length,
                     stride_xb, stride_xl, stride_xh, stride_Bb, stride_Bl, stride_Bg,
                     stride_Cb, stride_Cl, stride_Cg, stride_yb, stride_yl, stride_yh, stride_sb,
@@ -251,7 +251,7 @@ if triton is not None:
                      y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & pm[None, :])
 
     @triton.jit
-    def _dstates_bwd(dy_ptr, C_ptr, G_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, seq_ptr,
+    def _ssd_dstates_bwd(dy_ptr, C_ptr, G_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, seq_ptr,
                      length, heads, heads_per_group, chunks, head_dim, d_state, padded_length,
                      stride_yb, stride_yl, stride_yh, stride_Cb, stride_Cl, stride_Cg, stride_sb,
                      T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -280,7 +280,7 @@ if triton is not None:
             tl.store(dinit_ptr + bh * head_dim * d_state + pn, dS, mask=pn_mask)
 
     @triton.jit
-    def _dx_bwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, D_ptr, dstates_ptr, dy_ptr, dx_ptr, ddt_ptr, dD_ptr, seq_ptr,
+    def _ssd_dx_bwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, D_ptr, dstates_ptr, dy_ptr, dx_ptr, ddt_ptr, dD_ptr, seq_ptr,
                 length, heads, heads_per_group, chunks, head_dim, d_state, padded_length,
                 stride_xb, stride_xl, stride_xh, stride_Bb, stride_Bl, stride_Bg,
                 stride_Cb, stride_Cl, stride_Cg, stride_yb, stride_yl, stride_yh,
@@ -325,7 +325,7 @@ if triton is not None:
             tl.store(ddt_ptr + bh * padded_length + t, tl.sum(dv * xc, axis=1))
 
     @triton.jit
-    def _dbc_bwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr, dG_ptr,
+    def _ssd_dbc_bwd(x_ptr, B_ptr, C_ptr, dt_ptr, G_ptr, states_ptr, dstates_ptr, dy_ptr, dB_ptr, dC_ptr, dG_ptr,
                  seq_ptr, batch, length, heads, heads_per_group, chunks, head_dim, d_state, padded_length,
                  stride_xb, stride_xl, stride_xh, stride_Bb, stride_Bl, stride_Bg,
                  stride_Cb, stride_Cl, stride_Cg, stride_yb, stride_yl, stride_yh,
@@ -426,7 +426,7 @@ class _Scan:
         G = torch.empty_like(dt)
         lo, hi = dt_limit
         has_limit = (lo, hi) != (0.0, float("inf"))
-        _dt_cumsum[(self.batch * self.heads, self.chunks)](
+        _ssd_dt_cumsum[(self.batch * self.heads, self.chunks)](
             dt_raw, dt_bias, A, dt, G, self.length, self.heads, self.padded, *dt_raw.stride(),
             float(lo), float(min(hi, 3.0e38)), T=self.T, HAS_LIMIT=has_limit)
         return dt, G
@@ -439,7 +439,7 @@ class _Scan:
                             dtype=torch.float32) if return_final else None
         seq, stride_sb = self.seq()
         grid = (self.batch * self.heads, triton.cdiv(self.head_dim, b["block_p"]), triton.cdiv(self.d_state, b["state_n"]))
-        _states_fwd[grid](
+        _ssd_states_fwd[grid](
             x, B, dt, G, initial_state, states, final, seq, *self.dims,
             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2), stride_sb,
             T=self.T, BLOCK_P=b["block_p"], BLOCK_N=b["state_n"], HAS_INIT=initial_state is not None,
@@ -457,7 +457,7 @@ class _SSDScan(torch.autograd.Function):
         y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         b = scan.blocks
         seq, stride_sb = scan.seq()
-        _output_fwd[(scan.heads // b["heads"], scan.batch * scan.chunks)](
+        _ssd_output_fwd[(scan.heads // b["heads"], scan.batch * scan.chunks)](
             x, B, C, dt, G, D, states, y, seq, *scan.dims,
             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
             C.stride(0), C.stride(1), C.stride(2), y.stride(0), y.stride(1), y.stride(2), stride_sb,
@@ -488,7 +488,7 @@ class _SSDScan(torch.autograd.Function):
         dinit = torch.empty(initial_state.shape, device=dev, dtype=torch.float32) if (
             initial_state is not None and ctx.needs_input_grad[8]) else None
         grid = (scan.batch * scan.heads, triton.cdiv(scan.head_dim, b["block_p"]), triton.cdiv(scan.d_state, b["state_n"]))
-        _dstates_bwd[grid](
+        _ssd_dstates_bwd[grid](
             dy, C, G, dfinal, dstates, dinit, seq, *scan.dims,
             dy.stride(0), dy.stride(1), dy.stride(2), C.stride(0), C.stride(1), C.stride(2), stride_sb,
             T=scan.T, BLOCK_P=b["block_p"], BLOCK_N=b["state_n"], HAS_DFINAL=dfinal is not None,
@@ -497,7 +497,7 @@ class _SSDScan(torch.autograd.Function):
         dx = torch.empty(x.shape, device=dev, dtype=x.dtype)
         ddt = torch.empty(scan.batch, scan.heads, scan.padded, device=dev, dtype=torch.float32)
         dD = torch.empty(scan.batch * scan.chunks, scan.heads, device=dev, dtype=torch.float32)
-        _dx_bwd[(scan.heads // b["heads"], scan.batch * scan.chunks)](
+        _ssd_dx_bwd[(scan.heads // b["heads"], scan.batch * scan.chunks)](
             x, B, C, dt, G, D, dstates, dy, dx, ddt, dD, seq, *scan.dims,
             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
             C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
@@ -509,7 +509,7 @@ class _SSDScan(torch.autograd.Function):
         dB = torch.empty(scan.batch, scan.length, scan.groups, scan.d_state, device=dev, dtype=B.dtype)
         dC = torch.empty_like(dB)
         dG = torch.empty(n_blocks, scan.batch, scan.heads, scan.padded, device=dev, dtype=torch.float32)
-        _dbc_bwd[(n_blocks, scan.batch * scan.chunks, scan.groups)](
+        _ssd_dbc_bwd[(n_blocks, scan.batch * scan.chunks, scan.groups)](
             x, B, C, dt, G, states, dstates, dy, dB, dC, dG, seq, scan.batch, *scan.dims,
             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
             C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2),
@@ -521,7 +521,7 @@ class _SSDScan(torch.autograd.Function):
         dA = torch.empty(scan.batch, scan.heads, scan.chunks, device=dev, dtype=torch.float32)
         ddt_bias = torch.empty_like(dA)
         lo, hi = ctx.dt_limit
-        _dt_bwd[(scan.batch * scan.heads, scan.chunks)](
+        _ssd_dt_bwd[(scan.batch * scan.heads, scan.chunks)](
             dG, ddt, dt, dt_raw, dt_bias, A, ddt_raw, dA, ddt_bias, scan.batch, scan.length, scan.heads,
             scan.chunks, scan.padded, n_blocks, *dt_raw.stride(), *ddt_raw.stride(), float(lo), float(min(hi, 3.0e38)),
             T=scan.T, HAS_LIMIT=(lo, hi) != (0.0, float("inf")))

@@ -2,7 +2,7 @@
 
 Frequencies are computed in float32 and kept out of the module's buffers so that casting the
 model to bf16 cannot round them. The output is in Megatron's layout [s, 1, 1, head_dim], consumed
-by megatron.core's apply_rotary_pos_emb.
+by falcon_h1.kernels.rotary.
 
 Under context parallelism the angles still cover the whole sequence: the mixer applies RoPE after
 trading sequence chunks for heads, when each rank holds every position (context_parallel.py).
