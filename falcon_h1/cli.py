@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         # Flags like preprocess.py's (--input A B --shard-size S), not nemo-run's KEY=VALUE: its own parser.
         from falcon_h1.preprocess_tasks import main as preprocess
 
-        return preprocess(args[1:])
+        return preprocess(args[1:], slurm_executor=_slurm_executor)
 
     os.environ.setdefault("NEMORUN_SHOW_WARNINGS", "0")
     # torchrun's agent logs at nemo-run's default level INFO: ~45 lines of rendezvous details a run.
@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0
+
+
+def _slurm_executor(**kwargs):
+    """The recipes' Slurm executor, for `preprocess --executor slurm`; imported only then, as importing
+    the recipes imports the training stack, which preprocessing does not need."""
+    from recipes.executors import slurm_executor
+
+    return slurm_executor(**kwargs)
 
 
 if __name__ == "__main__":

@@ -7,47 +7,19 @@ and compare logits and every parameter's gradient.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 import random
-import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from falcon_h1.convert.hf_modeling import hf_falcon_h1
 from falcon_h1.convert.mapping import hf_to_local
 from falcon_h1.model.config import config_from_hf
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.specs import local_layer_spec
 from falcon_h1.model.tensor_parallel import sync_replicated_grads
-
-
-def hf_falcon_h1():
-    """transformers' Falcon-H1 modeling module, on its pure-torch path.
-
-    transformers binds Falcon-H1's conv and scan functions to the causal-conv1d and mamba_ssm
-    packages when they import (its kernel path, tf32-level accurate). The reference is the torch
-    path, so the module is imported with those packages hidden."""
-    name = "transformers.models.falcon_h1.modeling_falcon_h1"
-    if name not in sys.modules:
-        hidden = {m: sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] in _KERNEL_PACKAGES}
-        sys.modules.update(dict.fromkeys(_KERNEL_PACKAGES))  # None: "import fails"
-        try:
-            importlib.import_module(name)
-        finally:
-            for package in _KERNEL_PACKAGES:
-                del sys.modules[package]
-            sys.modules.update(hidden)
-    module = sys.modules[name]
-    for func in (module.causal_conv1d_fn, module.mamba2_chunk_scan):
-        if inspect.getclosurevars(func).nonlocals.get("is_new_implementation"):
-            raise RuntimeError(f"{name} was imported on its kernel path; import falcon_h1.parity first")
-    return module
-
-
-_KERNEL_PACKAGES = ("causal_conv1d", "mamba_ssm")
 
 
 def random_hf_config(seed: int, **overrides):
@@ -116,24 +88,6 @@ def build_from_hf(hf_model, tp_rank: int = 0, tp_size: int = 1, **config_overrid
     state = hf_to_local(dict(hf_model.state_dict()), config, tp_rank, tp_size)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def init_single_process(seed: int = 1234) -> None:
-    """A one-process gloo world with Megatron's parallel state (TP = PP = CP = DP = 1), seeded;
-    the CPU debug mode is on when there is no GPU."""
-    import os
-    import tempfile
-
-    from megatron.core import parallel_state
-
-    from falcon_h1 import cpu_compat
-
-    cpu_compat.enable()
-    if not dist.is_initialized():
-        path = os.path.join(tempfile.mkdtemp(prefix="falcon_h1_pg_"), "init")
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    cpu_compat.model_parallel_manual_seed(seed)
 
 
 def random_tokens(hf_config, batch: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -80,10 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, slurm_executor=None) -> int:
+    """`slurm_executor`: the factory of the executor --executor slurm submits to (the recipes'
+    `slurm` executor, which the falcon-h1 command passes in: only the entry points import recipes)."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        if args.executor == "slurm" and slurm_executor is None:
+            raise ValueError("--executor slurm: run it as `falcon-h1 preprocess`, which gives it the Slurm executor")
+        return _run(args, slurm_executor)
     except (OSError, ValueError) as error:  # bad inputs, flags or records: what preprocess says, in one line
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -104,7 +108,7 @@ def _check(args) -> None:
                                 f"directory, or --train-bpe VOCAB to train one)")
 
 
-def _run(args) -> int:
+def _run(args, slurm_executor) -> int:
     _check(args)
     # Absolute paths: the tasks need not run in this directory, and the records name absolute paths.
     inputs = [str(Path(p).resolve()) for p in args.input]
@@ -128,7 +132,7 @@ def _run(args) -> int:
           f"{args.executor} tasks, skipped {len(complete)} inputs already complete", flush=True)
     if tasks:
         if args.executor == "slurm":
-            logs = _run_slurm_tasks(args, inputs, prefix, tokenizer, tasks)
+            logs = _run_slurm_tasks(args, slurm_executor, inputs, prefix, tokenizer, tasks)
         else:
             logs = {k: (log, None) for k, log in _run_local_tasks(args, inputs, prefix, tokenizer, tasks).items()}
         failed = {k: logs[k] for k in tasks
@@ -207,14 +211,14 @@ def _run_local_tasks(args, inputs, prefix, tokenizer, tasks: list[int]) -> dict[
     return {k: str(log) for k, log in logs.items()}
 
 
-def _run_slurm_tasks(args, inputs, prefix, tokenizer, tasks: list[int]) -> dict[int, tuple[str, str | None]]:
+def _run_slurm_tasks(args, slurm_executor, inputs, prefix, tokenizer, tasks: list[int]
+                     ) -> dict[int, tuple[str, str | None]]:
     """Run `tasks` as one Slurm job of len(tasks) srun tasks (no GPUs) and follow it to its end; the
     job's log and each task's label in it (srun --label: "PROCID: "), by task."""
     import fiddle as fdl
     import nemo_run as run
 
     from falcon_h1.slurm import SubmitError, submit
-    from recipes.executors import slurm_executor
 
     per_node = -(-len(tasks) // args.nodes)
     nodes = -(-len(tasks) // per_node)  # no node without a task

@@ -52,9 +52,9 @@ def quiet_third_party_notices() -> None:
     # A Megatron class falcon_h1 does not use, announced when Megatron imports it.
     _ignore(r"MimoModelConfig is experimental", r"megatron\.")
     # Megatron's distributed optimizer reads .grad of its fp32 shard views in zero_grad (its own
-    # comment says so); on CPU the read goes through cpu_compat's TorchFunctionMode.
+    # comment says so); on CPU the read goes through compat/cpu.py's TorchFunctionMode.
     _ignore(r"The \.grad attribute of a Tensor that is not a leaf Tensor",
-            r"(megatron\.core\.optimizer|falcon_h1\.cpu_compat)")
+            r"(megatron\.core\.optimizer|falcon_h1\.compat\.cpu)")
     # Lightning looks for `srun` on PATH at every start and, on a machine with Slurm's clients (a
     # login node), tells a run outside a Slurm job to use it. Slurm jobs go through the executors
     # (falcon_h1.slurm), whose srun starts every task.
@@ -64,7 +64,7 @@ def quiet_third_party_notices() -> None:
     _ignore(r"torch\.distributed is disabled, unavailable or uninitialized", r"torch\.distributed\.checkpoint")
     _ignore(r"The argument order of load has been changed", r"torch\.distributed\.checkpoint")
     _ignore(r"Please use DTensor instead and we are deprecating ShardedTensor",
-            r"(torch\.distributed\.checkpoint|falcon_h1\.cpu_compat)")
+            r"(torch\.distributed\.checkpoint|falcon_h1\.compat\.cpu)")
     # Lightning 2.6 calls a torch pytree API that torch has since deprecated.
     _ignore(r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"pytorch_lightning\.")
     # FalconH1Module's steps take the data iterator on purpose: Megatron's schedules pull the micro-batches.

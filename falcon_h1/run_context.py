@@ -320,6 +320,9 @@ def check_task_arguments(task) -> None:
         data_parallel = world // replica if world else None
     if _configures(data, "seq_length", "micro_batch_size", "global_batch_size"):
         check_batch_sizes(data.seq_length, data.micro_batch_size, data.global_batch_size, data_parallel)
+        if _configures(strategy, "context_parallel_size") and data.seq_length % strategy.context_parallel_size:
+            raise ValueError(f"data.seq_length={data.seq_length} cannot be split over trainer.strategy."
+                             f"context_parallel_size={strategy.context_parallel_size}: make it a multiple")
     optimizer = getattr(model, "optimizer", None)
     if _configures(optimizer, "lr", "min_lr"):
         check_learning_rates(optimizer.lr, optimizer.min_lr)

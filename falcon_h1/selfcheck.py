@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
 
-    from falcon_h1.parity import init_single_process
+    from falcon_h1.single_process import single_process_megatron
 
-    init_single_process()
+    single_process_megatron(seed=1234)
     from falcon_h1.model.param_count import parameter_count
     from falcon_h1.model.presets import PRESETS, preset_config
     from falcon_h1.parity import build_from_hf, compare_with_hf, make_hf_model, random_tokens

@@ -1,15 +1,17 @@
 """Pretrain a Falcon-H1 model: `python -m falcon_h1.train --help`.
 
-Without arguments it trains the `tiny` preset on the bundled corpus (the Python standard library,
-tokenized once and cached) for 300 steps - on the GPU if there is one, else on the CPU in a few
-minutes - and prints where the checkpoint, the logs and the loss plot are. Run it again with the
-same --log-dir and it resumes from the latest complete checkpoint. Under torchrun, every process
-runs this same command (e.g. `torchrun --nproc-per-node 2 -m falcon_h1.train --tp 2`).
+Without arguments it runs the tiny recipe (recipes/tiny.py, where the defaults come from): the
+`tiny` preset on the bundled corpus (the Python standard library, tokenized once and cached) for
+300 steps - on the GPU if there is one, else on the CPU in a few minutes - and prints where the
+checkpoint, the logs and the loss plot are. Run it again with the same --log-dir and it resumes
+from the latest complete checkpoint. Under torchrun, every process runs this same command (e.g.
+`torchrun --nproc-per-node 2 -m falcon_h1.train --tp 2`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -28,37 +30,65 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+@functools.cache
+def tiny_recipe():
+    """The tiny recipe's config (recipes/tiny.py): the main job's defaults, optimizer and schedule."""
+    from recipes import tiny
+
+    return tiny.pretrain_recipe()
+
+
+def recipe_defaults() -> dict:
+    """The value of each flag left unset: the tiny recipe's."""
+    from falcon_h1.data.pretraining import DEFAULT_SPLIT
+    from recipes import tiny
+
+    recipe = tiny_recipe()
+    trainer, data, model = recipe.trainer, recipe.data, recipe.model
+    strategy = trainer.strategy
+    return dict(preset=tiny.SIZE.preset, seq_length=data.seq_length, micro_batch_size=data.micro_batch_size,
+                global_batch_size=data.global_batch_size, split=DEFAULT_SPLIT, seed=data.seed,
+                max_steps=trainer.max_steps, log_dir=trainer.log_dir, lr=model.optimizer.lr,
+                lr_decay=model.lr_schedule.decay_style, val_every=trainer.val_check_interval,
+                val_batches=trainer.limit_val_batches, log_every=trainer.log_every_n_steps,
+                checkpoint_every=trainer.checkpoint_every_n_steps, keep_last=trainer.keep_last_k,
+                tp=strategy.tensor_model_parallel_size, pp=strategy.pipeline_model_parallel_size,
+                vpp=strategy.virtual_pipeline_model_parallel_size, cp=strategy.context_parallel_size,
+                sp=strategy.sequence_parallel)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; those not given take the tiny recipe's values (after --help, which needs none)."""
     parser = _ArgumentParser(
         prog="python -m falcon_h1.train", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", default="tiny", help="model preset (default: tiny; see docs/models.md)")
+    model.add_argument("--preset", help="model preset (default: tiny; see docs/models.md)")
     model.add_argument("--num-layers", type=int, help="override the preset's number of layers")
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", metavar="PREFIX",
                       help="indexed dataset prefixes, or WEIGHT PREFIX pairs (default: the bundled corpus)")
     data.add_argument("--tokenizer", help="Hugging Face tokenizer directory of --data")
     data.add_argument("--mock-data", action="store_true", help="random tokens instead of a corpus")
-    data.add_argument("--seq-length", type=int, default=128)
-    data.add_argument("--micro-batch-size", type=int, default=8)
-    data.add_argument("--global-batch-size", type=int, default=16)
-    data.add_argument("--split", default="98,2,0", help="train,validation,test proportions of --data "
-                                                        "(the bundled corpus has its own validation files)")
+    data.add_argument("--seq-length", type=int)
+    data.add_argument("--micro-batch-size", type=int)
+    data.add_argument("--global-batch-size", type=int)
+    data.add_argument("--split", help="train,validation,test proportions of --data "
+                                      "(the bundled corpus has its own validation files)")
     run = parser.add_argument_group("run")
-    run.add_argument("--max-steps", type=int, default=300)
-    run.add_argument("--log-dir", default="runs/tiny", help="checkpoints, TensorBoard logs and the loss plot")
-    run.add_argument("--lr", type=float, default=3e-3)
+    run.add_argument("--max-steps", type=int)
+    run.add_argument("--log-dir", help="checkpoints, TensorBoard logs and the loss plot")
+    run.add_argument("--lr", type=float)
     run.add_argument("--warmup-steps", type=int, help="linear LR warm-up (default: 10%% of --max-steps)")
-    run.add_argument("--lr-decay", default="WSD", choices=["WSD", "cosine", "linear", "constant"])
+    run.add_argument("--lr-decay", choices=["WSD", "cosine", "linear", "constant"])
     run.add_argument("--precision", choices=["bf16-mixed", "32"], help="default: bf16-mixed on GPU, 32 on CPU")
-    run.add_argument("--val-every", type=int, default=50, help="validate every N steps")
-    run.add_argument("--val-batches", type=int, default=8, help="global batches per validation")
-    run.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
-    run.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (and at the end)")
-    run.add_argument("--keep-last", type=int, default=2, help="complete checkpoints to keep")
+    run.add_argument("--val-every", type=int, help="validate every N steps")
+    run.add_argument("--val-batches", type=int, help="global batches per validation")
+    run.add_argument("--log-every", type=int, help="print a progress line every N steps")
+    run.add_argument("--checkpoint-every", type=int, help="save every N steps (and at the end)")
+    run.add_argument("--keep-last", type=int, help="complete checkpoints to keep")
     run.add_argument("--async-save", action="store_true", help="write checkpoints in the background (GPU)")
-    run.add_argument("--seed", type=int, default=1234)
+    run.add_argument("--seed", type=int)
     run.add_argument("--hang-timeout", type=float, default=1800, metavar="SECONDS",  # watchdog.DEFAULT_HANG_TIMEOUT
                      help="a process without progress (training or validation batch, checkpoint save) for "
                           "this long prints where it is and exits, ending the job (default: %(default).0f; "
@@ -71,16 +101,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="if the latest checkpoint is damaged (its files differ from their checksums), resume "
                              "from the previous complete one, warning, instead of stopping")
     parallel = parser.add_argument_group("parallelism (data parallelism takes the remaining processes)")
-    parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    parallel.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parallel.add_argument("--tp", type=int, help="tensor-parallel size")
+    parallel.add_argument("--pp", type=int, help="pipeline-parallel size")
     parallel.add_argument("--vpp", type=int, help="virtual pipeline stages per pipeline rank")
-    parallel.add_argument("--cp", type=int, default=1, help="context-parallel size")
-    parallel.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
-    return parser.parse_args(argv)
+    parallel.add_argument("--cp", type=int, help="context-parallel size")
+    parallel.add_argument("--sp", action="store_true", default=None, help="sequence parallelism (with --tp > 1)")
+    args = parser.parse_args(argv)
+    for name, value in recipe_defaults().items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    """The numeric and layout flags, before the heavy imports; the same checks run again where the
+    """The numeric and layout flags, before anything is built; the same checks run again where the
     values are used (data module, trainer, optimizer), naming the recipe fields."""
     from falcon_h1.arguments import (
         check_batch_sizes,
@@ -134,7 +168,8 @@ def train(args: argparse.Namespace) -> int:
     from falcon_h1.model.presets import preset_config
     from falcon_h1.training.checkpoint import AutoResume
     from falcon_h1.training.module import FalconH1Module
-    from falcon_h1.training.optim import LRSchedule, falcon_h1_optimizer_config
+    import fiddle as fdl
+
     from falcon_h1.training.pretrain import build_trainer, pretrain
     from falcon_h1.training.strategy import MegatronStrategy
 
@@ -157,9 +192,10 @@ def train(args: argparse.Namespace) -> int:
         data = PreTrainingDataModule(corpus.paths, corpus.tokenizer_dir, **batch)
         tokenizer_dir = corpus.tokenizer_dir
 
+    tiny = tiny_recipe().model  # the tiny recipe's optimizer and schedule, with the flags' values
     module = FalconH1Module(
-        config, falcon_h1_optimizer_config(lr=args.lr),
-        LRSchedule(warmup_fraction=0.1, warmup_steps=args.warmup_steps, decay_style=args.lr_decay),
+        config, fdl.build(fdl.copy_with(tiny.optimizer, lr=args.lr)),
+        fdl.build(fdl.copy_with(tiny.lr_schedule, warmup_steps=args.warmup_steps, decay_style=args.lr_decay)),
         tokenizer_dir=tokenizer_dir)
     strategy = MegatronStrategy(
         tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,

@@ -7,7 +7,7 @@ multiple of 128 in the MLP width). Everything else - data, schedule, layout, ste
 original recipe's, so the two runs differ only in the mixer.
 
     recipe = attention_baseline.pretrain_recipe(size="falcon_h1_1p5b")
-    falcon-h1 pretrain --factory attention_baseline factory.size=...   (or in Python, above)
+    falcon-h1 pretrain --factory "attention_baseline(size=falcon_h1_1p5b)" trainer.max_steps=1000
 """
 
 import fiddle as fdl

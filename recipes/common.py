@@ -1,10 +1,18 @@
-"""Factories every recipe shares: model, optimizer + schedule, strategy, trainer, data, resume.
+"""What every recipe shares: `Size` (the numbers one size sets), the factories a size module gets
+from `size_factories`, and the pieces they are made of (model, optimizer + schedule, strategy,
+trainer, data, resume).
 
-Each returns a fiddle config (`run.Config` / `run.Partial`), nothing is built until the job runs:
-a recipe for a 34B model costs nothing to make, print, edit or serialize. A size module (e.g.
-falcon_h1_1p5b.py) holds only a `Size` - what differs between sizes - and thin named factories.
+Each factory returns a fiddle config (`run.Config` / `run.Partial`), nothing is built until the job
+runs: a recipe for a 34B model costs nothing to make, print, edit or serialize. A size module
+(e.g. falcon_h1_1p5b.py) is data: why its layout is what it is (its docstring), its `NAME` and
+`SIZE`, and one line that makes its four factories here:
+
+    model, trainer, pretrain_recipe, finetune_recipe = common.size_factories(__name__, NAME, SIZE)
 """
 
+import dataclasses
+import sys
+import textwrap
 from dataclasses import dataclass
 
 import nemo_run as run
@@ -25,10 +33,15 @@ from falcon_h1.training.pretrain import build_trainer
 from falcon_h1.training.strategy import MegatronStrategy
 from falcon_h1.training.watchdog import DEFAULT_HANG_TIMEOUT
 
+# What a recipe trains on until `data=` says otherwise (Size.data).
+DATA_KINDS = {"mock": "random tokens of the model's vocabulary (data=mock)",
+              "corpus": "the bundled corpus (the running Python's standard library)"}
+
 
 @dataclass(frozen=True)
 class Size:
-    """The defaults of one model size (each size module documents why)."""
+    """The defaults of one model size (each size module documents why): model preset, batch,
+    parallel layout, processes, LR and schedule, run length, data, and the trainer's intervals."""
 
     preset: str
     seq_length: int
@@ -44,11 +57,22 @@ class Size:
     lr: float = 3e-4
     warmup_fraction: float = 0.005  # 500 steps of the default run
     max_steps: int = 100_000
+    data: str = "mock"  # a key of DATA_KINDS
+    val_check_interval: int = 500
+    limit_val_batches: int = 10
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+    keep_last_k: int = 2
+
+    def __post_init__(self):
+        if self.data not in DATA_KINDS:
+            raise ValueError(f"Size.data={self.data!r}: choose one of {sorted(DATA_KINDS)}")
 
 
 # Falcon-H1's post-training settings (falcon_h1_reference.md): AdamW 0.9/0.95, no weight decay,
 # LR 128e-6 at ~1M-token batches with WSD decay to LR/8; LR scales with sqrt(batch / 1M tokens).
 FINETUNE_LR = 128e-6
+FINETUNE_MAX_STEPS = 1000
 FINETUNE_WARMUP_FRACTION = 0.05  # 50 steps (50M tokens) of the default 1000
 # LoRA trains few parameters, with B starting at zero: it takes a larger LR than full fine-tuning
 # (published LoRA recipes use 1e-4 to 5e-4).
@@ -62,13 +86,13 @@ def model_config(preset: str, **overrides) -> run.Config[FalconH1Config]:
     return run.Config(FalconH1Config, **preset_fields(preset, **overrides))
 
 
-def optimizer(lr: float = 3e-4, weight_decay: float = 0.1) -> run.Config[OptimizerConfig]:
+def optimizer(lr: float, weight_decay: float = ADAMW["weight_decay"]) -> run.Config[OptimizerConfig]:
     """Megatron's distributed AdamW with Falcon-H1's settings (falcon_h1.training.optim.ADAMW);
     min_lr None: the schedule ends at lr / 8, whatever lr is set to later."""
-    return run.Config(OptimizerConfig, lr=lr, min_lr=None, weight_decay=weight_decay, **ADAMW)
+    return run.Config(OptimizerConfig, lr=lr, min_lr=None, **dict(ADAMW, weight_decay=weight_decay))
 
 
-def wsd_schedule(warmup_fraction: float = 0.005, decay_fraction: float = 0.1) -> run.Config[LRSchedule]:
+def wsd_schedule(warmup_fraction: float, decay_fraction: float = 0.1) -> run.Config[LRSchedule]:
     """Warmup-stable-decay, Falcon-H1's schedule: linear warm-up over `warmup_fraction` of the run,
     constant LR, exponential decay to LR/8 over the last `decay_fraction`; both follow
     trainer.max_steps."""
@@ -77,7 +101,7 @@ def wsd_schedule(warmup_fraction: float = 0.005, decay_fraction: float = 0.1) ->
 
 
 def lightning_module(config: run.Config[FalconH1Config], lr: float, warmup_fraction: float,
-                     weight_decay: float = 0.1) -> run.Config[pl.LightningModule]:
+                     weight_decay: float = ADAMW["weight_decay"]) -> run.Config[pl.LightningModule]:
     return run.Config(FalconH1Module, config=config, optimizer=optimizer(lr, weight_decay),
                       lr_schedule=wsd_schedule(warmup_fraction))
 
@@ -89,25 +113,22 @@ def strategy(size: Size) -> run.Config[MegatronStrategy]:
                       context_parallel_size=size.context_parallel, sequence_parallel=size.sequence_parallel)
 
 
-def trainer(size: Size, dir: str, max_steps: int, num_nodes: int, num_gpus_per_node: int,
-            val_check_interval: int = 500, limit_val_batches: int = 10, log_every_n_steps: int = 10,
-            checkpoint_every_n_steps: int = 1000, keep_last_k: int = 2,
-            precision: str | None = None, hang_timeout: float | None = DEFAULT_HANG_TIMEOUT) -> run.Config[pl.Trainer]:
+def trainer_config(size: Size, dir: str) -> run.Config[pl.Trainer]:
     """A Lightning Trainer under MegatronStrategy writing to `dir` (checkpoints/, tensorboard/,
-    loss plot, result.json). precision None: bf16-mixed on GPU, 32 on CPU. A rank without progress
-    for `hang_timeout` seconds reports where it is and exits (`trainer.hang_timeout=0`: never)."""
-    return run.Config(build_trainer, log_dir=dir, max_steps=max_steps, strategy=strategy(size), precision=precision,
-                      devices=num_gpus_per_node, num_nodes=num_nodes, val_check_interval=val_check_interval,
-                      limit_val_batches=limit_val_batches, log_every_n_steps=log_every_n_steps,
-                      checkpoint_every_n_steps=checkpoint_every_n_steps, keep_last_k=keep_last_k,
-                      hang_timeout=hang_timeout)
+    loss plot, result.json), with `size`'s layout, processes, length and intervals. precision None:
+    bf16-mixed on GPU, 32 on CPU. A rank without progress for `hang_timeout` seconds reports where
+    it is and exits (`trainer.hang_timeout=0`: never)."""
+    return run.Config(build_trainer, log_dir=dir, max_steps=size.max_steps, strategy=strategy(size), precision=None,
+                      devices=size.num_gpus_per_node, num_nodes=size.num_nodes,
+                      val_check_interval=size.val_check_interval, limit_val_batches=size.limit_val_batches,
+                      log_every_n_steps=size.log_every_n_steps,
+                      checkpoint_every_n_steps=size.checkpoint_every_n_steps, keep_last_k=size.keep_last_k,
+                      hang_timeout=DEFAULT_HANG_TIMEOUT)
 
 
 def sizes(size: Size) -> dict:
     return dict(seq_length=size.seq_length, micro_batch_size=size.micro_batch_size,
                 global_batch_size=size.global_batch_size)
-
-
 def _given(**kwargs) -> dict:
     return {name: value for name, value in kwargs.items() if value is not None}
 
@@ -166,8 +187,13 @@ def corpus_data(size: Size) -> run.Config[pl.LightningDataModule]:
     return run.Config(default_corpus_data, **sizes(size))
 
 
-def pretrain_recipe(model: run.Config[pl.LightningModule], trainer: run.Config[pl.Trainer],
-                    data: run.Config[pl.LightningDataModule]) -> run.Partial:
+def default_data(size: Size) -> run.Config[pl.LightningDataModule]:
+    """The data `size` trains on until `data=` says otherwise (Size.data)."""
+    return corpus_data(size) if size.data == "corpus" else mock_data(size)
+
+
+def pretrain_task(model: run.Config[pl.LightningModule], trainer: run.Config[pl.Trainer],
+                  data: run.Config[pl.LightningDataModule]) -> run.Partial:
     """run.Partial(pretrain, ...): the model from scratch; continues from the latest checkpoint
     under the trainer's directory if there is one."""
     return run.Partial(pretrain, model=model, data=data, trainer=trainer,
@@ -190,8 +216,8 @@ def peft(scheme: str | None) -> run.Config[LoRA] | None:
     raise ValueError(f"peft_scheme={scheme!r}: use 'lora' or 'none' (all weights)")
 
 
-def finetune_recipe(size: Size, checkpoint: str | None, data: str | None, trainer: run.Config[pl.Trainer],
-                    peft_scheme: str | None = "lora") -> run.Partial:
+def finetune_task(size: Size, checkpoint: str | None, data: str | None, trainer: run.Config[pl.Trainer],
+                  peft_scheme: str | None = "lora") -> run.Partial:
     """run.Partial(finetune, ...) from `checkpoint` (ours, or one made by `import` from a Hugging
     Face release) on SFT jsonl `data`, with Falcon-H1's post-training optimizer settings: LoRA
     adapters on every layer's four GEMMs, or all weights with peft_scheme="none"."""
@@ -202,3 +228,81 @@ def finetune_recipe(size: Size, checkpoint: str | None, data: str | None, traine
     return run.Partial(
         finetune, model=model, data=sft_data(size, data), trainer=trainer,
         resume=run.Config(AutoResume, resume_if_exists=True, restore_weights_from=checkpoint))
+
+
+def layout(size: Size) -> str:
+    """`size`'s parallel layout in words: "TP 2 + SP", "TP 4 + SP, PP 2 x VPP 2", "DP only"."""
+    parts = []
+    if size.tensor_parallel > 1:
+        parts.append(f"TP {size.tensor_parallel}" + (" + SP" if size.sequence_parallel else ""))
+    if size.pipeline_parallel > 1:
+        parts.append(f"PP {size.pipeline_parallel}"
+                     + (f" x VPP {size.virtual_pipeline}" if size.virtual_pipeline else ""))
+    if size.context_parallel > 1:
+        parts.append(f"CP {size.context_parallel}")
+    return ", ".join(parts) or "DP only"
+
+
+def _lr(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-")  # 3e-4
+
+
+def describe(size: Size) -> str:
+    """What a size's pretraining recipe runs, in one sentence (its factories' help texts)."""
+    nodes = f"{size.num_nodes} node{'s' if size.num_nodes > 1 else ''}"
+    gpus = f"{size.num_gpus_per_node} GPU{'s' if size.num_gpus_per_node > 1 else ''}"
+    return (f"preset {size.preset!r}; {layout(size)} on {nodes} x {gpus}; {size.seq_length}-token sequences, "
+            f"{size.global_batch_size} per step (micro-batch {size.micro_batch_size}); peak LR {_lr(size.lr)}, "
+            f"WSD with {size.warmup_fraction * 100:g}% warm-up, {size.max_steps} steps; {DATA_KINDS[size.data]}")
+
+
+def size_factories(module: str, name: str, size: Size):
+    """The four factories of the size module `module` (its __name__), registered with nemo-run as
+    `name`: `model()`, `trainer(...)`, `pretrain_recipe(...)` and `finetune_recipe(...)`.
+
+    They serve `--factory NAME`, `model=NAME` and `trainer=NAME` on the command line and
+    `recipes.NAME.pretrain_recipe(...)` in Python; to nemo-run, inspect and pickle each is a
+    function of `module` by its own name, with a help text made from the module's first docstring
+    line and `size`."""
+    title = (sys.modules[module].__doc__ or name).strip().splitlines()[0].rstrip(".")
+
+    def model() -> run.Config[pl.LightningModule]:
+        return lightning_module(model_config(size.preset), size.lr, size.warmup_fraction)
+
+    def trainer(dir: str = f"runs/{name}", max_steps: int = size.max_steps, num_nodes: int = size.num_nodes,
+                num_gpus_per_node: int = size.num_gpus_per_node) -> run.Config[pl.Trainer]:
+        run_size = dataclasses.replace(size, max_steps=max_steps, num_nodes=num_nodes,
+                                       num_gpus_per_node=num_gpus_per_node)
+        return trainer_config(run_size, dir)
+
+    def pretrain_recipe(dir: str | None = None, name: str = name, num_nodes: int = size.num_nodes,
+                        num_gpus_per_node: int = size.num_gpus_per_node,
+                        max_steps: int = size.max_steps) -> run.Partial:
+        return pretrain_task(model(), trainer(dir or f"runs/{name}", max_steps, num_nodes, num_gpus_per_node),
+                             default_data(size))
+
+    def finetune_recipe(checkpoint: str | None = None, data: str | None = None, dir: str | None = None,
+                        name: str = name, num_nodes: int = size.num_nodes,
+                        num_gpus_per_node: int = size.num_gpus_per_node, max_steps: int = FINETUNE_MAX_STEPS,
+                        peft_scheme: str | None = "lora") -> run.Partial:
+        return finetune_task(size, checkpoint, data, trainer(dir or f"runs/{name}_finetune", max_steps, num_nodes,
+                                                             num_gpus_per_node), peft_scheme)
+
+    help_texts = {
+        model: f"{title}: the model config - preset {size.preset!r}, AdamW at peak LR {_lr(size.lr)}, WSD schedule "
+               f"with {size.warmup_fraction * 100:g}% warm-up.",
+        trainer: f"{title}: the trainer config - {layout(size)} on `num_nodes` x `num_gpus_per_node` processes, "
+                 f"`max_steps` steps, writing to `dir`; validation every {size.val_check_interval} steps, a "
+                 f"checkpoint every {size.checkpoint_every_n_steps}.",
+        pretrain_recipe: f"{title}: pretraining from scratch - {describe(size)}. Continues from the latest "
+                         f"checkpoint under `dir` (default runs/`name`).",
+        finetune_recipe: f"{title}: fine-tuning from `checkpoint` (ours, or `falcon-h1 import` of the HF release) "
+                         "on the SFT jsonl `data`: LoRA adapters (peft_scheme=\"lora\") or all weights "
+                         "(peft_scheme=\"none\"), Falcon-H1's post-training settings.",
+    }
+    for factory, text in help_texts.items():
+        factory.__module__, factory.__qualname__ = module, factory.__name__
+        factory.__doc__ = textwrap.fill(text, 96)
+    return (run.cli.factory(name=name)(model), run.cli.factory(name=name)(trainer),
+            run.cli.factory(target=pretrain, name=name)(pretrain_recipe),
+            run.cli.factory(target=finetune, name=name)(finetune_recipe))

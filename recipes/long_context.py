@@ -8,6 +8,7 @@ Falcon-H1 extends context after pretraining (16k, then 128k), so the recipe star
 checkpoint's weights by default; 8 sequences per step (1M tokens).
 
     recipe = long_context.pretrain_recipe(size="falcon_h1_7b", checkpoint="ckpts/falcon-h1-7b")
+    falcon-h1 pretrain --factory "long_context(size=falcon_h1_7b, checkpoint=ckpts/falcon-h1-7b)"
 """
 
 import nemo_run as run
@@ -39,14 +40,14 @@ def pretrain_recipe(size: str = "falcon_h1_7b", checkpoint: str | None = None, s
     size_spec = common.Size(preset=base.preset, seq_length=seq_length, global_batch_size=global_batch_size,
                             micro_batch_size=1, tensor_parallel=tp, context_parallel=cp,
                             sequence_parallel=tp > 1, num_nodes=num_nodes, lr=common.FINETUNE_LR,
-                            warmup_fraction=0.025, max_steps=max_steps)  # 50 warm-up steps of the default 2000
+                            warmup_fraction=0.025,  # 50 warm-up steps of the default 2000
+                            max_steps=max_steps, val_check_interval=200, limit_val_batches=4,
+                            checkpoint_every_n_steps=200)
     config = common.model_config(base.preset, max_position_embeddings=max(seq_length, 131072),
                                  recompute_granularity="selective", recompute_modules=["core_attn"],
                                  recompute_ssd_scan=True)
-    recipe = common.pretrain_recipe(
+    recipe = common.pretrain_task(
         common.lightning_module(config, size_spec.lr, size_spec.warmup_fraction, weight_decay=0.0),
-        common.trainer(size_spec, dir or f"runs/{size}_{NAME}", max_steps, num_nodes, size_spec.num_gpus_per_node,
-                       val_check_interval=200, limit_val_batches=4, checkpoint_every_n_steps=200),
-        common.mock_data(size_spec))
+        common.trainer_config(size_spec, dir or f"runs/{size}_{NAME}"), common.default_data(size_spec))
     recipe.resume.restore_weights_from = checkpoint
     return recipe

@@ -26,10 +26,13 @@ HEAD_DIM = 64
 
 
 def ratio_size(seq_length: int, global_batch_size: int, micro_batch_size: int, max_steps: int, lr: float,
-               devices: int) -> common.Size:
+               devices: int, corpus: bool = True) -> common.Size:
+    """Every ratio's budget: validation 4 times a run, 10 progress lines, one checkpoint at the end."""
     return common.Size(preset="tiny-90m", seq_length=seq_length, global_batch_size=global_batch_size,
                        micro_batch_size=micro_batch_size, num_gpus_per_node=devices, lr=lr,
-                       warmup_fraction=0.1, max_steps=max_steps)
+                       warmup_fraction=0.1, max_steps=max_steps, data="corpus" if corpus else "mock",
+                       val_check_interval=max(1, max_steps // 4), limit_val_batches=8,
+                       log_every_n_steps=max(1, max_steps // 10), checkpoint_every_n_steps=max_steps, keep_last_k=1)
 
 
 def ratio_model_config(attention_heads: int, mamba_heads: int, num_layers: int, hidden_size: int) -> run.Config:
@@ -44,11 +47,8 @@ def ratio_model_config(attention_heads: int, mamba_heads: int, num_layers: int, 
 def ratio_run(attention_heads: int, mamba_heads: int, dir: str, size: common.Size, num_layers: int,
               hidden_size: int, data: run.Config) -> run.Partial:
     config = ratio_model_config(attention_heads, mamba_heads, num_layers, hidden_size)
-    trainer = common.trainer(size, f"{dir}/attn{attention_heads}_mamba{mamba_heads}", size.max_steps, 1,
-                             size.num_gpus_per_node, val_check_interval=max(1, size.max_steps // 4),
-                             limit_val_batches=8, log_every_n_steps=max(1, size.max_steps // 10),
-                             checkpoint_every_n_steps=size.max_steps, keep_last_k=1)
-    recipe = common.pretrain_recipe(common.lightning_module(config, size.lr, size.warmup_fraction), trainer, data)
+    trainer = common.trainer_config(size, f"{dir}/attn{attention_heads}_mamba{mamba_heads}")
+    recipe = common.pretrain_task(common.lightning_module(config, size.lr, size.warmup_fraction), trainer, data)
     recipe.resume.resume_if_exists = False
     return recipe
 
@@ -58,8 +58,8 @@ def sweep_tasks(dir: str = "runs/ratio_sweep", devices: int = 1, max_steps: int 
                 hidden_size: int = 512, ratios=RATIOS, corpus: bool = True) -> dict[str, run.Partial]:
     """One pretraining run per ratio, by name (attn6_mamba2, ...). Data: the bundled corpus
     (corpus=False: random tokens)."""
-    size = ratio_size(seq_length, global_batch_size, micro_batch_size, max_steps, lr, devices)
-    data = common.corpus_data(size) if corpus else common.mock_data(size)
+    size = ratio_size(seq_length, global_batch_size, micro_batch_size, max_steps, lr, devices, corpus)
+    data = common.default_data(size)
     return {f"attn{a}_mamba{m}": ratio_run(a, m, dir, size, num_layers, hidden_size, data) for a, m in ratios}
 
 

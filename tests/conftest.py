@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 REPO = Path(__file__).resolve().parents[1]
@@ -20,14 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def single_rank():
     """A one-process gloo world with Megatron's parallel state (TP = PP = CP = DP = 1)."""
-    from megatron.core import parallel_state
+    from falcon_h1.single_process import single_process_megatron
 
-    from falcon_h1.parity import init_single_process
-
-    init_single_process()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    with single_process_megatron(seed=1234):
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -220,7 +220,7 @@ def build_hf_dir(path: Path) -> Path:
     from falcon_h1.data.default_corpus import default_corpus
     from falcon_h1.model.config import config_to_hf
     from falcon_h1.model.presets import preset_config
-    from falcon_h1.parity import hf_falcon_h1
+    from falcon_h1.convert.hf_modeling import hf_falcon_h1
 
     transformers = hf_falcon_h1()
     torch.manual_seed(0)

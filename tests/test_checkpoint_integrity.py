@@ -6,7 +6,6 @@ Runs are real: the main job (`python -m falcon_h1.train`, tiny preset with 2 lay
 its output read as a user reads it.
 """
 
-import json
 import os
 import re
 import resource
@@ -87,7 +86,7 @@ def test_the_shards_are_hashed_as_they_are_written(tmp_path, monkeypatch):
     manifest reads no shard back."""
     import torch
 
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
     from falcon_h1.model.config import config_to_hf
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.presets import preset_config

@@ -92,7 +92,7 @@ def test_parameter_count_equals_transformers_model_of_the_same_config(name):
     import torch
     from transformers import FalconH1Config as HFConfig
 
-    from falcon_h1.parity import hf_falcon_h1
+    from falcon_h1.convert.hf_modeling import hf_falcon_h1
 
     with torch.device("meta"):  # no memory is allocated, even for 34B
         hf = hf_falcon_h1().FalconH1ForCausalLM(HFConfig(**config_to_hf(preset_config(name))))

@@ -101,15 +101,20 @@ def test_what_each_cp_rank_gathers_and_computes():
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_released_shape_computes_each_head_once_with_the_kv_heads_and_groups_it_reads(name):
-    """Over all TP x CP ranks of every layout that validates (TP, CP up to 8), each query head
-    (per attention replica) and each Mamba head is computed exactly once, and each rank holds
-    exactly the KV heads and SSM groups its heads read."""
+    """Over all TP x CP ranks of every layout (TP, CP up to 8) where CP divides the query heads and
+    the Mamba heads of a TP rank, each query head (per attention replica) and each Mamba head is
+    computed exactly once, and each rank holds exactly the KV heads and SSM groups its heads read.
+    Every other layout is refused."""
+    checked = []
     for tp in (1, 2, 4, 8):
+        per_tp_rank = mixer_layout(preset_config(name, tensor_model_parallel_size=tp), tp, 0)
         for cp in (2, 4, 8):
-            try:
-                config = preset_config(name, tensor_model_parallel_size=tp, context_parallel_size=cp)
-            except ValueError:
+            if per_tp_rank.attention_heads % cp or per_tp_rank.mamba_heads % cp:
+                with pytest.raises(ValueError, match="each CP rank computes whole heads"):
+                    preset_config(name, tensor_model_parallel_size=tp, context_parallel_size=cp)
                 continue
+            config = preset_config(name, tensor_model_parallel_size=tp, context_parallel_size=cp)
+            checked.append((tp, cp))
             q_per_kv = config.num_attention_heads // config.num_query_groups
             heads_per_group = config.mamba_num_heads // config.mamba_num_groups
             computed = {}
@@ -129,6 +134,7 @@ def test_every_released_shape_computes_each_head_once_with_the_kv_heads_and_grou
             replicas = tp // math.gcd(config.num_attention_heads, tp)
             assert len(computed) == config.num_attention_heads * replicas + config.mamba_num_heads, (tp, cp)
             assert set(computed.values()) == {1}, (tp, cp)
+    assert (1, 2) in checked  # every released shape has an even number of query and Mamba heads
 
 
 def _units(segment, unit: int) -> list[int]:

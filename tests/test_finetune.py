@@ -39,7 +39,7 @@ def imported(tmp_path_factory):
     from falcon_h1.data.default_corpus import default_corpus
     from falcon_h1.model.config import config_to_hf
     from falcon_h1.model.presets import preset_config
-    from falcon_h1.parity import hf_falcon_h1
+    from falcon_h1.convert.hf_modeling import hf_falcon_h1
 
     root = tmp_path_factory.mktemp("base")
     transformers = hf_falcon_h1()
@@ -145,7 +145,7 @@ def finetune_and_export(peft_scheme: str, base, sft_jsonl, tmp_path):
 def test_cli_import_finetune_export_generate(imported, sft_jsonl, tmp_path):
     from falcon_h1.data.preprocess import load_tokenizer
     from falcon_h1.inference.text import generate_from_checkpoint
-    from falcon_h1.parity import hf_falcon_h1
+    from falcon_h1.convert.hf_modeling import hf_falcon_h1
 
     hf_dir, _ = imported
     cli("import", "-y", f"source={hf_dir}", f"output={tmp_path / 'base'}", tmp_path=tmp_path)

@@ -62,7 +62,7 @@ def test_greedy_generation_matches_transformers(models, name):
 
 @pytest.mark.parametrize("name", [*CONFIGS, "dt_limit"])
 def test_cached_decode_computes_the_full_forward_logits(models, name):
-    from falcon_h1.inference.cache import HybridCache
+    from falcon_h1.model.decode_cache import HybridCache
 
     hf, model = models[name]
     prompt = prompts_for(hf, seed=1)[1]

@@ -133,7 +133,7 @@ def test_adapter_checkpoint_holds_only_adapters_and_reloads(hf_and_model, tmp_pa
 
 def test_merged_export_matches_transformers(hf_and_model, tmp_path):
     from falcon_h1.convert.hf_export import export_hf_checkpoint
-    from falcon_h1.parity import hf_falcon_h1
+    from falcon_h1.convert.hf_modeling import hf_falcon_h1
 
     hf, _ = hf_and_model
     model = build_from_hf(hf)

@@ -1,6 +1,7 @@
 """The README's main job: the tiny model trains on the bundled corpus and learns.
 
-`python -m falcon_h1.train` with its defaults (tiny preset, bundled corpus, CPU here), 200 steps.
+`python -m falcon_h1.train` with its defaults (the tiny recipe's: tiny preset, bundled corpus, CPU
+here), 200 steps.
 Its validation loss falls and means something: the validation files are held out whole (see
 test_default_corpus.py), so it does not end far below the training loss. The checkpoint's
 `falcon-h1 generate` completions are those transformers generates from its Hugging Face export.
@@ -14,6 +15,30 @@ import sys
 import torch
 
 from tests.conftest import REPO
+
+
+def test_the_main_jobs_defaults_are_the_tiny_recipes():
+    """recipes/tiny.py is the one source of the main job's numbers: each flag left unset is its value."""
+    import fiddle as fdl
+
+    from falcon_h1.train import parse_args, tiny_recipe
+    from recipes import tiny
+
+    size, args = tiny.SIZE, parse_args([])
+    assert (args.preset, args.seq_length, args.micro_batch_size, args.global_batch_size) == (
+        size.preset, size.seq_length, size.micro_batch_size, size.global_batch_size)
+    assert (args.max_steps, args.lr, args.val_every, args.val_batches, args.log_every, args.checkpoint_every,
+            args.keep_last) == (size.max_steps, size.lr, size.val_check_interval, size.limit_val_batches,
+                                size.log_every_n_steps, size.checkpoint_every_n_steps, size.keep_last_k)
+    assert (args.tp, args.pp, args.vpp, args.cp, args.sp) == (
+        size.tensor_parallel, size.pipeline_parallel, size.virtual_pipeline, size.context_parallel,
+        size.sequence_parallel)
+    assert args.log_dir == f"runs/{tiny.NAME}" and not args.mock_data and args.data is None  # the bundled corpus
+    schedule = fdl.build(tiny_recipe().model.lr_schedule)
+    assert schedule.warmup_fraction == size.warmup_fraction and schedule.decay_style == args.lr_decay
+    given = parse_args(["--seq-length", "64", "--tp", "2", "--sp", "--lr", "1e-3"])
+    assert (given.seq_length, given.tp, given.sp, given.lr) == (64, 2, True, 1e-3)
+    assert given.global_batch_size == size.global_batch_size
 
 
 def test_tiny_model_trains_on_the_bundled_corpus_and_its_validation_loss_falls(tmp_path):

@@ -42,16 +42,14 @@ def test_left_to_the_gradient_norm_the_check_takes_no_bucket_norms_and_a_nan_sto
     changes. Clean gradients step."""
     from megatron.core.distributed import finalize_model_grads
 
-    from falcon_h1.training.grad_checks import DeferredGradCheck
-    from falcon_h1.training.grad_scale import FusedGradScale
     from falcon_h1.training.optim import build_optimizer, falcon_h1_optimizer_config
+    from falcon_h1.training.step import DeferredGradCheck, OptimizerStep
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     config, ddp = _tiny_ddp(module, use_distributed_optimizer=True, check_for_nan_in_grad=True)
     check = DeferredGradCheck([ddp])
-    check.check_gradient_norm()
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
-    scaling = FusedGradScale(optimizer)
+    scaling = OptimizerStep(optimizer, check)  # leaves the check to the gradient norm
     for poisoned in (False, True):
         before = [p.detach().clone() for p in module.parameters()]
         ddp.zero_grad_buffer()
@@ -60,7 +58,7 @@ def test_left_to_the_gradient_norm_the_check_takes_no_bucket_norms_and_a_nan_sto
             module[1].weight.main_grad[0, 0] = float("nan")
         finalize_model_grads([ddp], None)
         assert check.pending == []  # no bucket norm was taken
-        scaling.record_tokens(torch.tensor(5), check)
+        scaling.record_tokens(torch.tensor(5))
         if poisoned:
             with pytest.raises(RuntimeError, match=r"in the gradients \(gradient norm nan\).*module\.1\.weight"):
                 scaling.step()
@@ -77,22 +75,20 @@ def test_a_gradient_the_norm_leaves_out_is_checked_apart(single_rank):
     norm of its own: an Inf there stops the step although the gradient norm is finite."""
     from megatron.core.distributed import finalize_model_grads
 
-    from falcon_h1.training.grad_checks import DeferredGradCheck, params_left_out_of_the_norm
-    from falcon_h1.training.grad_scale import FusedGradScale
     from falcon_h1.training.optim import build_optimizer, falcon_h1_optimizer_config
+    from falcon_h1.training.step import DeferredGradCheck, OptimizerStep, params_left_out_of_the_norm
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     module[1].bias.shared = True
     config, ddp = _tiny_ddp(module, use_distributed_optimizer=True, check_for_nan_in_grad=True)
     check = DeferredGradCheck([ddp])
-    check.check_gradient_norm()
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
-    scaling = FusedGradScale(optimizer)
+    scaling = OptimizerStep(optimizer, check)
     ddp.zero_grad_buffer()
     ddp(torch.randn(5, 4)).square().sum().backward()
     module[1].bias.main_grad[0] = float("inf")
     finalize_model_grads([ddp], None)
-    scaling.record_tokens(torch.tensor(5), check)
+    scaling.record_tokens(torch.tensor(5))
     with pytest.raises(RuntimeError, match=r"counts on another rank: inf\).*module\.1\.bias"):
         scaling.step()
     assert [p.shape for p in params_left_out_of_the_norm(optimizer)] == [module[1].bias.shape]
@@ -233,12 +229,12 @@ MEGATRON_STEP = r"""
 import json, torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.transformer import TransformerConfig
-from falcon_h1.parity import init_single_process
-from falcon_h1.training.grad_scale import FusedGradScale
+from falcon_h1.single_process import single_process_megatron
+from falcon_h1.training.step import OptimizerStep
 from falcon_h1.training.optim import (TritonAdamW, build_optimizer, copy_main_params_in_one_launch,
                                       falcon_h1_optimizer_config, main_to_model_copies)
 
-init_single_process()
+single_process_megatron(seed=1234)
 config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True,
                            bf16=True, params_dtype=torch.bfloat16)
 runs = {}
@@ -253,7 +249,7 @@ for triton in (False, True):
         assert TritonAdamW.applies_to(inner)
         copies = main_to_model_copies(inner)
         copy_main_params_in_one_launch(inner, copies, TritonAdamW(inner, copies))
-    scaling = FusedGradScale(optimizer)
+    scaling = OptimizerStep(optimizer)
     norms, grads_after = [], []
     for step, size in enumerate((30.0, 30.0, 0.01)):  # clipped twice, then not
         generator = torch.Generator().manual_seed(step)
@@ -293,7 +289,7 @@ print("RESULTS", json.dumps(dict(
 
 
 def test_megatrons_step_with_the_triton_adamw_matches_torchs_fused_adamw():
-    """Megatron's distributed optimizer over a bf16 model, stepped by FusedGradScale three times
+    """Megatron's distributed optimizer over a bf16 model, stepped by OptimizerStep three times
     (clipped, clipped, not), once with torch's fused AdamW and its copy, once with TritonAdamW
     (interpreted): the same gradient norms; main weights and moments within 1e-6; the bf16 model
     weights are the main weights rounded, with nothing left for the copy to do; the step counts

@@ -17,6 +17,7 @@ import torch
 
 import recipes
 from falcon_h1.model.param_count import parameter_count
+from falcon_h1.run_context import check_task_arguments
 from falcon_h1.model.presets import NOMINAL_SIZES, preset_config
 from recipes import attention_baseline, long_context, ratio_sweep, tiny
 from tests.conftest import REPO, falcon_h1_cli
@@ -35,18 +36,29 @@ def built_config(recipe):
 
 
 def check_layout(recipe):
-    strategy, trainer, data = recipe.trainer.strategy, recipe.trainer, recipe.data
-    config = built_config(recipe)
-    model_parallel = (strategy.tensor_model_parallel_size * strategy.pipeline_model_parallel_size
-                      * strategy.context_parallel_size)
-    world = trainer.devices * trainer.num_nodes
-    assert world % model_parallel == 0, (world, model_parallel)
-    data_parallel = world // model_parallel
-    assert data.global_batch_size % (data.micro_batch_size * data_parallel) == 0
-    stages = strategy.pipeline_model_parallel_size * (strategy.virtual_pipeline_model_parallel_size or 1)
-    assert config.num_layers % stages == 0
-    assert data.seq_length % strategy.context_parallel_size == 0
-    return config
+    """The recipe against the rules a job is held to before it starts: `falcon-h1`'s checks of a
+    task (model replicas that fill the processes, whole micro-batches on every data-parallel rank,
+    the trainer's numbers, LR and schedule) and the model config's at the layout (heads per TP and
+    CP rank, layers per pipeline stage). Either raises, naming the field, where a rule is broken."""
+    check_task_arguments(recipe)
+    return built_config(recipe)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("trainer.devices", 3, "8 ranks per model replica do not divide the 12 processes"),
+    ("data.global_batch_size", 130, "data.global_batch_size=130: must be a multiple of data.micro_batch_size=1 x 4 "
+                                    "data-parallel ranks"),
+    ("trainer.strategy.virtual_pipeline_model_parallel_size", 5, "model.config.num_layers=72: must be divisible by"),
+    ("trainer.strategy.context_parallel_size", 2, "context_parallel_size=2 does not divide the 5 query heads"),
+])
+def test_check_layout_fails_on_a_layout_that_breaks_a_rule(field, value, message):
+    """check_layout holds the recipes to rules that can fail: the 34B's layout (TP 4, PP 2 x VPP 2,
+    4 nodes of 8 GPUs) with one field changed."""
+    from nemo_run.cli.cli_parser import parse_cli_args
+
+    recipe = parse_cli_args(recipes.SIZES["falcon_h1_34b"].pretrain_recipe(), [f"{field}={value}"])
+    with pytest.raises(ValueError, match=message):
+        check_layout(recipe)
 
 
 @pytest.mark.parametrize("name", sorted(recipes.SIZES))
@@ -68,6 +80,51 @@ def test_recipe_builds_at_its_declared_size(name):
     assert fdl.build(lora.model.peft).target_modules == ["in_proj", "out_proj", "linear_fc1", "linear_fc2"]
     full = module.finetune_recipe(checkpoint="ckpts/x", peft_scheme="none")
     assert full.model.peft is None and full.model.optimizer.lr < lora.model.optimizer.lr
+
+
+@pytest.mark.parametrize("name", sorted(recipes.SIZES))
+def test_a_size_module_is_data_and_gets_its_four_factories_registered(name):
+    """NAME and SIZE are all a size module sets; its model, trainer, pretrain_recipe and
+    finetune_recipe (recipes.common.size_factories) are nemo-run's `NAME` factories and, to
+    inspect, pickle and the help tables, functions of that module with a help text."""
+    import pickle
+
+    import nemo_run as run
+    import pytorch_lightning as pl
+
+    from falcon_h1.api import finetune, pretrain
+    from falcon_h1.run_context import registered_recipes
+
+    module = recipes.SIZES[name]
+    assert module.NAME == name == module.__name__.rsplit(".", 1)[1]
+    assert registered_recipes(pretrain)[name] is module.pretrain_recipe
+    assert registered_recipes(finetune)[name] is module.finetune_recipe
+    assert run.cli.resolve_factory(pl.LightningModule, name) is module.model
+    assert run.cli.resolve_factory(pl.Trainer, name) is module.trainer
+    title = module.__doc__.splitlines()[0].rstrip(".")
+    for factory in (module.model, module.trainer, module.pretrain_recipe, module.finetune_recipe):
+        assert (factory.__module__, factory.__qualname__) == (module.__name__, factory.__name__)
+        assert pickle.loads(pickle.dumps(factory)) is factory
+        assert factory.__doc__.startswith(title), factory.__doc__
+    size = module.SIZE
+    trainer = module.trainer(dir="runs/x", max_steps=7)
+    assert (trainer.log_dir, trainer.max_steps, trainer.devices, trainer.num_nodes) == (
+        "runs/x", 7, size.num_gpus_per_node, size.num_nodes)
+    assert (trainer.val_check_interval, trainer.limit_val_batches, trainer.checkpoint_every_n_steps) == (
+        size.val_check_interval, size.limit_val_batches, size.checkpoint_every_n_steps)
+    data = module.pretrain_recipe().data.__fn_or_cls__.__name__
+    assert data == {"mock": "MockDataModule", "corpus": "default_corpus_data"}[size.data]
+
+
+def test_recipe_help_lists_the_size_factories_with_their_help_texts(tmp_path):
+    done = falcon_h1_cli("pretrain", "--factory", "falcon_h1_7b", "--help", "--docs", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in recipes.SIZES:
+        for factory in ("pretrain_recipe", "model", "trainer"):
+            assert f"recipes.{name}.{factory}" in done.stdout, (name, factory)
+    assert "Falcon-H1-7B (7.6B parameters; flagship): pretraining from scratch" in done.stdout
+    assert "recipes.attention_baseline.pretrain_recipe" in done.stdout  # --factory attention_baseline
+    assert "No docs" not in done.stdout.split("Factory for data")[0]
 
 
 def every_recipe():

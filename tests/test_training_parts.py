@@ -98,7 +98,7 @@ def test_replicated_rows_count_once_in_the_gradient_norm(single_rank):
 
     from falcon_h1.model.layout import Segment
     from falcon_h1.model.tensor_parallel import REPLICATED_ROWS_ATTR
-    from falcon_h1.training.grad_norm import count_replicated_rows_once
+    from falcon_h1.training.step import count_replicated_rows_once
     from falcon_h1.training.optim import build_optimizer
 
     class Tiny(torch.nn.Module):
@@ -131,7 +131,7 @@ def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_r
     from megatron.core.optimizer import clip_grads
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.training import grad_norm
+    from falcon_h1.compat import megatron as megatron_patches
     from falcon_h1.training.optim import build_optimizer
 
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
@@ -142,8 +142,8 @@ def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_r
                                                                         bucket_size=0), module)
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2, use_distributed_optimizer=True), [ddp], config)
     assert all(group["fused"] and not group["foreach"] for group in optimizer.optimizer.param_groups)
-    assert clip_grads.l2_norm_impl is grad_norm._foreach_l2_norm
-    assert clip_grads.multi_tensor_scale_impl is grad_norm._foreach_scale
+    assert clip_grads.l2_norm_impl is megatron_patches._foreach_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is megatron_patches._foreach_scale
     grads = [torch.randn_like(p) * 3 for p in reference]  # norm above the clip of 1.0
     for param, grad in zip(module.parameters(), grads):
         param.main_grad.copy_(grad)
@@ -158,14 +158,14 @@ def test_optimizer_is_torchs_fused_adamw_clipping_with_multi_tensor_ops(single_r
 
 
 def test_fused_adam_applies_the_per_token_and_clip_scaling_as_megatrons_passes_do(single_rank):
-    """FusedGradScale leaves the gradients summed over tokens at finalize and divides them by
+    """OptimizerStep leaves the gradients summed over tokens at finalize and divides them by
     tokens / clip factor inside torch's fused AdamW: the same weights, gradient norm and final
     gradients as Megatron's 1/tokens and clip passes, with the clip active (steps 1-2) or not (3)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.training.grad_scale import FusedGradScale
     from falcon_h1.training.optim import build_optimizer
+    from falcon_h1.training.step import OptimizerStep
 
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
     runs = []
@@ -175,8 +175,8 @@ def test_fused_adam_applies_the_per_token_and_clip_scaling_as_megatrons_passes_d
         ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True,
                                                                             bucket_size=0), module)
         optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
-        assert FusedGradScale.applies_to(optimizer)
-        scaling = FusedGradScale(optimizer)
+        scaling = OptimizerStep(optimizer)
+        assert scaling.fused_scaling
         if fused:
             with pytest.raises(RuntimeError, match="no token count was recorded"):
                 scaling.step()
@@ -208,14 +208,14 @@ def test_fused_adam_applies_the_per_token_and_clip_scaling_as_megatrons_passes_d
 
 
 def test_with_the_fused_scaling_a_nan_gradient_stops_the_step_after_the_norm_before_any_update(single_rank):
-    """Finalizing hands the pending NaN/Inf check to FusedGradScale, which reads it after the
+    """With the bucket norms kept, OptimizerStep reads the pending NaN/Inf check after the
     gradient norm's host sync: the step raises, naming the bucket, and no weight changes."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.training.grad_checks import DeferredGradCheck
-    from falcon_h1.training.grad_scale import FusedGradScale
+    from falcon_h1.training.step import DeferredGradCheck
     from falcon_h1.training.optim import build_optimizer
+    from falcon_h1.training.step import OptimizerStep
 
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
@@ -223,18 +223,18 @@ def test_with_the_fused_scaling_a_nan_gradient_stops_the_step_after_the_norm_bef
         use_distributed_optimizer=True, check_for_nan_in_grad=True, bucket_size=0), module)
     check = DeferredGradCheck([ddp])
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
-    scaling = FusedGradScale(optimizer)
+    scaling = OptimizerStep(optimizer, check, check_on_gradient_norm=False)
     before = [p.detach().clone() for p in module.parameters()]
     ddp.zero_grad_buffer()
     ddp(torch.randn(5, 4)).square().sum().backward()
     module[1].weight.main_grad[0, 0] = float("inf")
     finalize_model_grads([ddp], None)  # the per-bucket check is deferred here
-    scaling.record_tokens(torch.tensor(5), check)
+    scaling.record_tokens(torch.tensor(5))
     with pytest.raises(RuntimeError, match=r"NaN or Inf in this rank's gradients .*bucket 0: norm inf"):
         scaling.step()
     for want, got in zip(before, module.parameters()):
         assert torch.equal(got, want)
-    assert check.pending == [] and scaling.grad_check is None
+    assert check.pending == []
 
 
 def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank):
@@ -244,7 +244,7 @@ def test_a_nan_gradient_stops_the_step_when_gradients_are_finalized(single_rank)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.training.grad_checks import DeferredGradCheck
+    from falcon_h1.training.step import DeferredGradCheck
 
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(check_for_nan_in_grad=True, bucket_size=0),

@@ -39,11 +39,11 @@ def main_grads_after_two_micro_batches(fused: bool, device: str = "cpu", bf16: b
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.presets import preset_config
 
-    cpu_compat.model_parallel_manual_seed(7)
+    cpu.model_parallel_manual_seed(7)
     config = preset_config("tiny", num_layers=2, use_cpu_initialization=True, kernel_backend="torch",
                            gradient_accumulation_fusion=fused, bf16=bf16,
                            params_dtype=torch.bfloat16 if bf16 else torch.float32, **MULTIPLIERS)

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
     from falcon_h1.model.config import config_to_hf
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.presets import preset_config

@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore")
 import torch
 from falcon_h1.convert.hf_export import export_hf_checkpoint
 from falcon_h1.convert.hf_import import import_hf_checkpoint
-from falcon_h1.parity import hf_falcon_h1
+from falcon_h1.convert.hf_modeling import hf_falcon_h1
 hf_falcon_h1()  # transformers' Falcon-H1, which import also loads
 
 def status(field):

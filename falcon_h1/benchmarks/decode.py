@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     import torch
 
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
 
     if not torch.cuda.is_available():
         parser.error("the decode benchmark needs a GPU")

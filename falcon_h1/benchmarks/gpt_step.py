@@ -52,11 +52,11 @@ def bench_gpt_step(preset: str, seq_length: int, micro_batch_size: int, steps: i
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.training.flops import training_flops_per_step
 
     on_gpu = torch.cuda.is_available()
-    cpu_compat.model_parallel_manual_seed(1234)  # Megatron initialises weights from its RNG tracker
+    cpu.model_parallel_manual_seed(1234)  # Megatron initialises weights from its RNG tracker
     model, config, fields = gpt_model(preset, seq_length, on_gpu)
     params = sum(p.numel() for p in model.parameters())
     if on_gpu:

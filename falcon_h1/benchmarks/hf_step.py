@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -39,13 +38,17 @@ PATH_FIELD = {"kernels": "transformers_kernel", "torch": "transformers_torch"}
 def transformers_modeling():
     """(transformers' Falcon-H1 modeling module, "kernels", "torch" or "mixed": the Mamba path its
     import bound). mamba_ssm installed without its CUDA extensions cannot import its package root,
-    which is what transformers tries; importing our loader first registers a package object for it."""
-    if MODELING not in sys.modules and torch.cuda.is_available():
+    which is what transformers tries; importing our loader first registers a package object for it.
+    A module imported earlier on its torch path (the parity reference, convert/hf_modeling.py,
+    hides the kernel packages on purpose) is imported again, so that it binds the kernels."""
+    if torch.cuda.is_available():
         try:
-            import falcon_h1.kernels.mamba_ssm_triton  # noqa: F401
+            import falcon_h1.compat.mamba_ssm_triton  # noqa: F401
         except ImportError:
             pass  # no mamba_ssm: transformers takes its torch path
     module = importlib.import_module(MODELING)
+    if torch.cuda.is_available() and bound_path(module) != "kernels":
+        module = importlib.reload(module)
     return module, bound_path(module)
 
 

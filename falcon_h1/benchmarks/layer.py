@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from megatron.core.transformer.spec_utils import build_module
 
     from falcon_h1.benchmarks.timing import cuda_median_ms
-    from falcon_h1.cpu_compat import model_parallel_manual_seed
+    from falcon_h1.compat.cpu import model_parallel_manual_seed
     from falcon_h1.model.presets import preset_config
     from falcon_h1.model.rotary import RotaryEmbedding
     from falcon_h1.model.specs import local_layer_spec

@@ -11,7 +11,7 @@ scale) set again before each call, outside the timing:
   (pass (a); gone now that the check rides on the optimizer step's gradient norm);
 - "gradient norm": Megatron's gradient norm and its host sync (pass (c), in every path);
 - per path, "adamw + copy" (Megatron's step_with_ready_grads: the AdamW, the main-to-model copy,
-  the parameter sync, a no-op at DP=1) and "step" (FusedGradScale.step: norm, sync, clip, both):
+  the parameter sync, a no-op at DP=1) and "step" (OptimizerStep.step: norm, sync, clip, both):
     today:        torch's fused AdamW, writing the gradient back, then Megatron's copy_ per weight;
     foreach copy: torch's fused AdamW, then one torch._foreach_copy_ (build_optimizer(triton_adamw=False));
     triton:       the Triton AdamW, writing the bf16 weights in its pass (the default on CUDA).
@@ -58,7 +58,7 @@ def build_model(preset: str):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    from falcon_h1.cpu_compat import model_parallel_manual_seed
+    from falcon_h1.compat.cpu import model_parallel_manual_seed
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.presets import preset_config
 
@@ -77,9 +77,9 @@ def build_model(preset: str):
 
 
 def build_step(ddp, config, triton_adamw: bool, megatron_copy: bool = False):
-    """Megatron's optimizer as build_optimizer makes it, and the FusedGradScale that steps it;
+    """Megatron's optimizer as build_optimizer makes it, and the OptimizerStep that steps it;
     `megatron_copy` puts back Megatron's copy_ per weight (today's path)."""
-    from falcon_h1.training.grad_scale import FusedGradScale
+    from falcon_h1.training.step import OptimizerStep
     from falcon_h1.training.optim import build_optimizer, falcon_h1_optimizer_config
 
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=3e-4), [ddp], config, triton_adamw=triton_adamw)
@@ -87,7 +87,7 @@ def build_step(ddp, config, triton_adamw: bool, megatron_copy: bool = False):
     if megatron_copy:
         for inner in inners:
             del inner._copy_main_params_to_model_params  # the class's method again
-    return optimizer, inners, FusedGradScale(optimizer)
+    return optimizer, inners, OptimizerStep(optimizer)
 
 
 def optimizer_state(inners) -> tuple[list, list, list]:

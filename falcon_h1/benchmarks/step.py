@@ -269,7 +269,7 @@ def peer_row(stack: str, preset: str, seq_length: int, batch: int, steps: int, w
     `stack_args` are the stack's own (transformers: mamba_path)."""
     from falcon_h1.benchmarks.gpt_step import bench_gpt_step
     from falcon_h1.benchmarks.hf_step import bench_transformers_step
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
 
     bench = {"transformers": bench_transformers_step, "megatron_gpt": bench_gpt_step}[stack]
     if torch.cuda.is_available() and not dist.is_initialized():

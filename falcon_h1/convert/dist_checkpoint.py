@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItemType
@@ -38,33 +36,6 @@ def sharded_key(canonical_key: str) -> tuple[str, int | None]:
         layer, rest = canonical_key[len(LAYERS_PREFIX):].split(".", 1)
         return LAYERS_PREFIX + rest, int(layer)
     return canonical_key, None
-
-
-@contextmanager
-def single_process_megatron() -> Iterator[None]:
-    """A one-process gloo group and Megatron parallel state (TP = PP = 1) for the duration, unless
-    the caller already runs in one process with them."""
-    from megatron.core import parallel_state
-
-    from falcon_h1 import cpu_compat
-
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    elif dist.get_world_size() != 1:
-        raise RuntimeError("checkpoint conversion runs in a single process; do not launch it with torchrun")
-    owns_state = not parallel_state.model_parallel_is_initialized()
-    if owns_state:
-        parallel_state.initialize_model_parallel()
-    if not torch.cuda.is_available():
-        cpu_compat.enable()
-    try:
-        yield
-    finally:
-        if owns_state:
-            parallel_state.destroy_model_parallel()
-        if owns_group:
-            dist.destroy_process_group()
 
 
 def _streaming_save_planner(chunk_data: Callable[[str, tuple, tuple, torch.dtype], torch.Tensor]):
@@ -97,7 +68,7 @@ def write_weights(directory: Path, config: FalconH1Config, canonical_tensor: Cal
                   dtype: torch.dtype, on_tensor: Callable[[int], None] | None = None) -> None:
     """Write a torch_dist weights directory holding the model `config` describes, each canonical
     tensor taken from `canonical_tensor(key)` when it is written. Call inside
-    single_process_megatron()."""
+    falcon_h1.single_process.single_process_megatron()."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess

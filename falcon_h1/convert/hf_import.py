@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from falcon_h1.convert.dist_checkpoint import single_process_megatron, write_weights
+from falcon_h1.convert.dist_checkpoint import write_weights
+from falcon_h1.convert.hf_modeling import hf_falcon_h1
 from falcon_h1.convert.mapping import links
 from falcon_h1.convert.output import Progress, staged_output
 from falcon_h1.convert.safetensors_io import HFCheckpointError, HFWeights
 from falcon_h1.model.config import FalconH1Config, config_from_hf, config_to_hf
+from falcon_h1.single_process import single_process_megatron
 from falcon_h1.training import checkpoint_io, checksums
 
 # Files of an HF model directory that travel with the checkpoint (tokenizer, chat template,
@@ -56,8 +58,6 @@ def read_hf_config(hf_dir: Path) -> tuple[dict, FalconH1Config]:
 def expected_hf_shapes(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of the directory's FalconH1ForCausalLM per its config.json, from
     transformers itself (built on the meta device): the reference the weights are checked against."""
-    from falcon_h1.parity import hf_falcon_h1
-
     module = hf_falcon_h1()
     try:
         config = module.FalconH1Config.from_pretrained(hf_dir)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from falcon_h1.convert.dist_checkpoint import CheckpointWeights, single_process_megatron
+from falcon_h1.convert.dist_checkpoint import CheckpointWeights
 from falcon_h1.convert.output import staged_output
 from falcon_h1.model.lora import LoRA, apply_lora, merge_lora
+from falcon_h1.single_process import single_process_megatron
 from falcon_h1.training import checkpoint_io
 from falcon_h1.training.checkpoint_io import CheckpointError
 

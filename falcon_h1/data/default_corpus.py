@@ -223,7 +223,7 @@ def default_tokenizer(cache_dir=None, **kwargs):
     return load_tokenizer(default_corpus(cache_dir, **kwargs).tokenizer_dir)
 
 
-def default_corpus_data(seq_length: int = 128, micro_batch_size: int = 8, global_batch_size: int = 16,
+def default_corpus_data(seq_length: int, micro_batch_size: int, global_batch_size: int,
                         seed: int = 1234):
     """A PreTrainingDataModule over the bundled corpus' train and validation files (built on first
     use, on the machine that runs the job): the data of the tiny recipe and of `make run`."""

@@ -21,6 +21,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, TypeVar
 
 import numpy as np
@@ -36,6 +37,20 @@ class EncoderSpec:
     dtype: str  # numpy dtype of the token arrays
     backend_json: str | None  # the tokenizers backend, serialized; None: call the transformers tokenizer
     split_special_tokens: bool = False
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """A Hugging Face tokenizer from a local directory, with an end-of-document token."""
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory does not exist: {path} (a Hugging Face tokenizer "
+                                f"directory with tokenizer.json / tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer in {path} has no eos_token; it is needed to mark document ends")
+    return tokenizer
 
 
 def encoder_spec(tokenizer, tokenizer_dir: str, dtype) -> EncoderSpec:
@@ -69,8 +84,6 @@ class Encoder:
             encode_fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
             self._ids = lambda texts: [e.ids for e in encode_fast(texts, add_special_tokens=False)]
         else:
-            from falcon_h1.data.preprocess import load_tokenizer
-
             tokenizer = load_tokenizer(spec.tokenizer_dir)
             self._ids = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
 

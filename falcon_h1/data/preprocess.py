@@ -42,7 +42,8 @@ from typing import Iterator
 
 import numpy as np
 
-from falcon_h1.data.encoding import EncoderSpec, encode_in_order, encoder_spec
+# load_tokenizer is also imported from here (by inference, the datasets, the tests).
+from falcon_h1.data.encoding import EncoderSpec, encode_in_order, encoder_spec, load_tokenizer
 from falcon_h1.data.progress import Progress
 # input_files and iter_jsonl are also imported from here (falcon_h1/inference/evaluate.py reads JSONL through it).
 from falcon_h1.data.readers import Input, input_files, input_units, iter_documents, iter_jsonl, read_batches
@@ -88,20 +89,6 @@ def train_bpe_tokenizer(units: list[Input], vocab_size: int, out_dir: Path, text
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)  # whole or absent: a directory that exists is a finished tokenizer
     return wrapped
-
-
-def load_tokenizer(tokenizer_dir: str | Path):
-    """A Hugging Face tokenizer from a local directory, with an end-of-document token."""
-    from transformers import AutoTokenizer
-
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory does not exist: {path} (a Hugging Face tokenizer "
-                                f"directory with tokenizer.json / tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer in {path} has no eos_token; it is needed to mark document ends")
-    return tokenizer
 
 
 def trained_tokenizer_dir(output_prefix: str | Path) -> Path:

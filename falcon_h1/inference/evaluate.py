@@ -45,7 +45,7 @@ def documents_of(data: str, tokenizer) -> list[tuple[list[int], list[int]]]:
 def evaluate_checkpoint(checkpoint: str, data: str, seq_length: int = 2048, batch_size: int = 4,
                         max_rows: int | None = None, device: str | None = None) -> dict:
     """{"loss", "perplexity", "tokens", "rows"} of the checkpoint's model on `data`."""
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
     from falcon_h1.inference.text import load_for_generation
     from falcon_h1.model.packing import PackedDocuments
 

@@ -10,7 +10,7 @@ padding and no Mamba state sees any; decoding then advances every sequence at it
 
 import torch
 
-from falcon_h1.inference.cache import HybridCache
+from falcon_h1.model.decode_cache import HybridCache
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

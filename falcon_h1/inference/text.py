@@ -16,7 +16,7 @@ from falcon_h1.inference.generate import generate
 
 def load_for_generation(checkpoint: str | Path, device: str | None = None):
     """(model, tokenizer) of a checkpoint, ready on `device` (default: cuda if present). Call inside
-    falcon_h1.convert.dist_checkpoint.single_process_megatron()."""
+    falcon_h1.single_process.single_process_megatron()."""
     from falcon_h1.data.preprocess import load_tokenizer
     from falcon_h1.model.lora import LoRA, apply_lora, merge_lora
     from falcon_h1.model.model import FalconH1Model
@@ -60,7 +60,7 @@ def generate_tokens_from_checkpoint(checkpoint: str | Path, prompts: list[str], 
                                     device: str | None = None):
     """(the token ids generated after each prompt, ending with eos where it stopped there; the
     tokenizer that decodes them)."""
-    from falcon_h1.convert.dist_checkpoint import single_process_megatron
+    from falcon_h1.single_process import single_process_megatron
 
     with single_process_megatron():
         model, tokenizer = load_for_generation(checkpoint, device)

@@ -30,7 +30,7 @@ BACKENDS = ("auto", "torch", "gpu", "triton", "mamba_ssm")
 # (2026-12-02, benchmarks/ssd_tiles.py; docs/performance.md): the project's scan 1.09 ms against
 # mamba_ssm's 1.46 at the 1.5B's 48 heads x 64, but 1.22 against 1.18 at the 7B's 24 heads x 128.
 PROJECT_SCAN_MAX_HEAD_DIM = 64
-MAMBA_SSM = "falcon_h1.kernels.mamba_ssm_triton"
+MAMBA_SSM = "falcon_h1.compat.mamba_ssm_triton"
 
 
 @functools.cache
@@ -62,7 +62,7 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D, dt_bias, dt_limit, initial_state=
     seq_idx [b, l]: document of each token of packed rows; the state restarts at each document."""
     kernel = _ssd_kernel(x, backend)
     if kernel == "mamba_ssm":
-        from falcon_h1.kernels.mamba_ssm_triton import mamba_chunk_scan_combined
+        from falcon_h1.compat.mamba_ssm_triton import mamba_chunk_scan_combined
 
         return mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,

@@ -48,7 +48,7 @@ def gated_rms_norm_torch(
 
 def gated_rms_norm_triton(y, z, weight, eps, group_size, norm_before_gate):
     """mamba_ssm's Triton gated RMSNorm (forward and backward in one kernel each)."""
-    from falcon_h1.kernels.mamba_ssm_triton import rmsnorm_fn
+    from falcon_h1.compat.mamba_ssm_triton import rmsnorm_fn
 
     return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size,
                       norm_before_gate=norm_before_gate)

@@ -77,20 +77,18 @@ def scale_runs(row_scale: torch.Tensor) -> tuple[tuple[int, int, float], ...]:
 
 
 def install() -> bool:
-    """Give Megatron's linears this module as `fused_weight_gradient_mlp_cuda`, so that
-    gradient_accumulation_fusion=True builds and runs without Apex. Also where Apex is installed:
-    the GEMM is the same, and the row-scaled linears need this one. Returns available()."""
+    """Make Megatron's linears call this module for their fused weight gradients (where it is
+    available: CUDA); returns available()."""
     if not available():
         return False
-    from megatron.core.tensor_parallel import layers
+    from falcon_h1.compat.megatron import use_wgrad_fusion
 
-    layers.fused_weight_gradient_mlp_cuda = sys.modules[__name__]
-    layers._grad_accum_fusion_available = True  # ColumnParallelLinear refuses the fusion without it
+    use_wgrad_fusion(sys.modules[__name__])
     return True
 
 
 def installed() -> bool:
     """Whether Megatron's linears call this module for their fused weight gradients."""
-    from megatron.core.tensor_parallel import layers
+    from falcon_h1.compat.megatron import wgrad_fusion_module
 
-    return getattr(layers, "fused_weight_gradient_mlp_cuda", None) is sys.modules[__name__]
+    return wgrad_fusion_module() is sys.modules[__name__]

@@ -21,6 +21,7 @@ Megatron names are kept where Megatron already has the concept:
 Attention heads and Mamba heads are independent; either may be 0.
 """
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from falcon_h1.arguments import check_pipeline_split
 from falcon_h1.kernels import BACKENDS
-from falcon_h1.model.layout import check_context_parallel, check_tensor_parallel
+from falcon_h1.model.layout import MixerLayout, check_context_parallel, check_tensor_parallel, mixer_layout
 
 
 @dataclass
@@ -101,17 +102,11 @@ class FalconH1Config(TransformerConfig):
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads if self.num_attention_heads else 0
         self._validate()
-        heads, groups = self.num_attention_heads, self.num_query_groups
-        tp = self.tensor_model_parallel_size
-        if heads % tp:
-            # Megatron only knows the even split of heads; the Falcon-H1 mixer also runs head counts
-            # TP does not divide (layout.py), already checked by _validate. Let Megatron check a
-            # stand-in, then restore.
-            self.num_attention_heads = self.num_query_groups = tp
-        try:
-            super().__post_init__()
-        finally:
-            self.num_attention_heads, self.num_query_groups = heads, groups
+        # Megatron checks and completes the config its modules are built with (megatron_config);
+        # this one takes what Megatron filled in and keeps its own head counts.
+        megatron = megatron_config(self, mixer_layout(self, self.tensor_model_parallel_size, 0))
+        TransformerConfig.__post_init__(megatron)
+        vars(self).update({name: value for name, value in vars(megatron).items() if name not in _HEAD_COUNTS})
 
     def _validate(self) -> None:
         def fail(message: str):
@@ -185,6 +180,22 @@ class FalconH1Config(TransformerConfig):
 
     def to_hf(self) -> dict[str, Any]:
         return config_to_hf(self)
+
+
+_HEAD_COUNTS = ("num_attention_heads", "num_query_groups")
+
+
+def megatron_config(config: FalconH1Config, layout: MixerLayout, **overrides) -> FalconH1Config:
+    """`config` as Megatron takes it: the query and KV heads that one TP rank computes (`layout`)
+    counted as if split evenly over TP, the only split Megatron knows (its attention divides the
+    counts by the TP size). The mixer also runs head counts TP does not divide (layout.py, checked
+    by FalconH1Config._validate); `config` keeps them."""
+    view = copy.copy(config)
+    view.num_attention_heads = layout.attention_heads * layout.tp_size
+    view.num_query_groups = layout.kv_heads * layout.tp_size
+    for name, value in overrides.items():
+        setattr(view, name, value)
+    return view
 
 
 # HF config keys that config_from_hf reads.

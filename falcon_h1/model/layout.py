@@ -285,32 +285,3 @@ def context_parallel_layout(config, layout: MixerLayout, cp_size: int, cp_rank: 
     )
     return ContextParallelLayout(cp_size, cp_rank, rows, frozenset(gathered), core_layout)
 
-
-def main(argv=None) -> None:
-    """python -m falcon_h1.model.layout PRESET TP: print each rank's fused-projection layout."""
-    import argparse
-
-    from falcon_h1.model.presets import preset_config
-
-    parser = argparse.ArgumentParser(prog="python -m falcon_h1.model.layout", description=main.__doc__)
-    parser.add_argument("preset")
-    parser.add_argument("tp", type=int)
-    args = parser.parse_args(argv)
-    config = preset_config(args.preset, tensor_model_parallel_size=args.tp)
-    print(f"{args.preset} at TP={args.tp}: in_proj rows per rank as canonical[offset:offset+rows] "
-          f"(xN = held by N ranks); out_proj columns")
-    for rank in range(args.tp):
-        layout = mixer_layout(config, args.tp, rank)
-        rows = "  ".join(f"{s.name}[{s.offset}:{s.offset + s.rows}]" + (f"x{s.replicas}" if s.replicas > 1 else "")
-                         for s in layout.in_proj)
-        heads = layout.attention_heads
-        shard = rank // layout.attention_replicas
-        dims = layout.attention_out_dims
-        cols = (f"attn heads {shard * heads}-{shard * heads + heads - 1} dims {dims.start}:{dims.stop} | "
-                f"ssm [{layout.mamba_head_offset * layout.mamba_head_dim}:"
-                f"{(layout.mamba_head_offset + layout.mamba_heads) * layout.mamba_head_dim}]")
-        print(f"rank {rank}: {rows}\n        out_proj: {cols}")
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,6 @@ parallelism the cores run on the whole sequence for a share of the heads (contex
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -39,9 +38,10 @@ from megatron.core.utils import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from falcon_h1.inference.cache import attend_to_cache, conv_step, ssm_step, store_keys_values
 from falcon_h1.kernels import causal_conv1d, gated_rms_norm, rotary, ssd_scan
+from falcon_h1.model.config import megatron_config
 from falcon_h1.model.context_parallel import heads_to_sequence, sequence_to_heads
+from falcon_h1.model.decode_cache import attend_to_cache, conv_step, ssm_step, store_keys_values
 from falcon_h1.model.layout import Segment, context_parallel_layout, mixer_layout
 from falcon_h1.model.lora import AdapterDict, add_adapter
 from falcon_h1.model.packing import PackedDocuments
@@ -109,15 +109,11 @@ class HybridMixer(MegatronModule):
         self.register_buffer("in_proj_bias_scale", bias_scale.to(device), persistent=False)
 
         if layout.attention_heads:
-            core_config = copy.copy(config)
             # The core sees the heads this rank computes, whatever the split (layout.py), and the
             # whole sequence: context parallelism is done here, not inside the core.
-            core_config.num_attention_heads = core.attention_heads * tp_size
-            core_config.num_query_groups = core.kv_heads * tp_size
-            core_config.context_parallel_size = 1
             self.core_attention = build_module(
-                submodules.core_attention, config=core_config, layer_number=layer_number,
-                attn_mask_type=AttnMaskType.causal, attention_type="self",
+                submodules.core_attention, config=megatron_config(config, core, context_parallel_size=1),
+                layer_number=layer_number, attn_mask_type=AttnMaskType.causal, attention_type="self",
                 softmax_scale=layout.head_dim ** -0.5, k_channels=layout.head_dim,
                 v_channels=layout.head_dim, cp_comm_type=cp_comm_type, pg_collection=pg_collection,
             )
@@ -202,7 +198,7 @@ class HybridMixer(MegatronModule):
         """hidden_states [s, b, h] (s / TP under sequence parallelism, s = this rank's chunk of the
         sequence under context parallelism) -> (out [s, b, h], bias). rotary_pos_emb covers the
         whole sequence."""
-        cache = inference_context  # generation: a falcon_h1.inference.cache.HybridCache
+        cache = inference_context  # generation: a falcon_h1.model.decode_cache.HybridCache
         if cache is not None and (self.cp is not None or self.config.sequence_parallel):
             raise NotImplementedError("generation runs without context or sequence parallelism")
         packed = packed_seq_params if isinstance(packed_seq_params, PackedDocuments) else None

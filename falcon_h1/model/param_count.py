@@ -41,18 +41,3 @@ def parameter_count(config: FalconH1Config, padded_vocab: bool = False) -> dict[
     counts["total"] = sum(counts.values())
     return counts
 
-
-def main() -> None:
-    """Print the parameter table of the released shapes (docs/models.md)."""
-    from falcon_h1.model.presets import PRESETS, preset_config
-
-    print("| preset | total | embedding | attention | Mamba | MLP | lm_head |")
-    print("|---|---|---|---|---|---|---|")
-    for name in PRESETS:
-        c = parameter_count(preset_config(name))
-        cells = [c[k] / 1e6 for k in ("total", "embedding", "attention", "ssm", "mlp", "lm_head")]
-        print(f"| {name} | " + " | ".join(f"{v:,.1f}M" for v in cells) + " |")
-
-
-if __name__ == "__main__":
-    main()

@@ -8,8 +8,8 @@ multipliers. Released models use norm_before_gate=False.
 
 from __future__ import annotations
 
-
 from falcon_h1.model.config import FalconH1Config
+from falcon_h1.model.param_count import parameter_count
 
 _SHARED = dict(
     rotary_base=1e11, layernorm_epsilon=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=11,
@@ -107,8 +107,6 @@ def attention_only_fields(preset: str, width_multiple: int = 128) -> dict:
     hidden_size / head_dim heads are attention heads (GQA groups as the preset's), no Mamba heads,
     and the MLP widened in steps of `width_multiple` while the count stays within the preset's.
     The comparisons' baseline (recipes/attention_baseline.py, the bench's GPT row)."""
-    from falcon_h1.model.param_count import parameter_count
-
     hybrid = preset_config(preset)
     target = parameter_count(hybrid)["total"]
     heads = hybrid.hidden_size // hybrid.kv_channels

@@ -106,9 +106,9 @@ def hash_shards_as_written() -> None:
     name `open` of its module (in the training process, its writer threads, or the forked
     background writer of an async save); this gives that name a hashing file. If a Megatron
     version opens shards some other way, the manifest hashes them instead (slower, still right)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from falcon_h1.compat.megatron import open_checkpoint_shards_with
 
-    filesystem_async.open = _open_hashing_shards
+    open_checkpoint_shards_with(_open_hashing_shards)
 
 
 def write_manifest(checkpoint: str | os.PathLike) -> Path:

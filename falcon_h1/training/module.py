@@ -3,9 +3,10 @@
 Lightning owns the loop (steps, validation, callbacks, logging, checkpoint triggers); Megatron
 owns a step: `training_step` receives the data iterator, pulls the global batch's micro-batches
 and hands them to Megatron's forward-backward schedule (no pipeline, 1F1B, or interleaved
-1F1B with virtual stages), then steps Megatron's optimizer and the LR schedule. The model chunks
-are built lazily in `configure_model`, after MegatronStrategy has set up the parallel state, and
-wrapped (bf16, Megatron DDP) by the strategy.
+1F1B with virtual stages), which ends by finalizing the gradients; then the optimizer step
+(step.py: the gradient norm and NaN/Inf check, the per-token scaling and clipping, AdamW) and
+the LR schedule. The model chunks are built lazily in `configure_model`, after MegatronStrategy
+has set up the parallel state, and wrapped (bf16, Megatron DDP) by the strategy.
 """
 
 from functools import partial
@@ -23,8 +24,6 @@ from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.lora import LoRA, apply_lora
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.packing import PackedDocuments
-from falcon_h1.training.grad_norm import count_replicated_rows_once
-from falcon_h1.training.grad_scale import FusedGradScale
 from falcon_h1.training.optim import (
     LRSchedule,
     build_optimizer,
@@ -32,6 +31,7 @@ from falcon_h1.training.optim import (
     falcon_h1_optimizer_config,
     resolved_min_lr,
 )
+from falcon_h1.training.step import DeferredGradCheck, OptimizerStep
 
 # Tensors of a batch each pipeline stage needs: the first stage embeds tokens, the last computes the loss.
 FIRST_STAGE_KEYS = ("tokens", "position_ids")
@@ -42,17 +42,15 @@ PACKED_KEYS = ("seq_idx", "position_ids")  # packed documents (SFT): every stage
 class MegatronOptimizerAdapter:
     """Megatron's optimizer behind the interface Lightning expects of an optimizer.
 
-    Lightning counts `trainer.global_step` in optimizer steps taken through its wrapper, saves
-    and restores optimizer state through the strategy, and reads `param_groups` for LR logging;
-    Megatron's optimizer (mixed precision main params, distributed optimizer, grad clipping)
-    does the work.
+    Lightning counts `trainer.global_step` in optimizer steps taken through its wrapper, and
+    saves and restores optimizer state through the strategy; `OptimizerStep` steps Megatron's
+    optimizer (mixed precision main params, distributed optimizer, clipping).
     """
 
-    def __init__(self, optimizer, fused_grad_scale: FusedGradScale | None = None):
-        self.megatron_optimizer = optimizer
-        self.fused_grad_scale = fused_grad_scale
+    def __init__(self, optimizer_step: OptimizerStep):
+        self.optimizer_step = optimizer_step
+        self.megatron_optimizer = optimizer_step.optimizer
         self.defaults: dict = {}
-        self.last_grad_norm: float | None = None
 
     @property
     def param_groups(self):
@@ -65,8 +63,7 @@ class MegatronOptimizerAdapter:
     def step(self, closure=None):
         if closure is not None:
             closure()
-        step = self.fused_grad_scale.step if self.fused_grad_scale else self.megatron_optimizer.step
-        successful, self.last_grad_norm, _ = step()
+        successful, _, _ = self.optimizer_step.step()
         return successful
 
     def zero_grad(self, set_to_none: bool = True):
@@ -108,7 +105,7 @@ class FalconH1Module(pl.LightningModule):
         self.automatic_optimization = False
         self.chunks: torch.nn.ModuleList | None = None  # one per virtual pipeline stage
         self.scheduler = None
-        self.fused_grad_scale: FusedGradScale | None = None  # set with the optimizer
+        self.optimizer_step: OptimizerStep | None = None  # made with the optimizer
         self._cuda_graphs_reported = False
 
     # ---------------------------------------------------------------- model
@@ -169,21 +166,26 @@ class FalconH1Module(pl.LightningModule):
             resolved_min_lr(self.optimizer_config)
 
     def configure_optimizers(self):
+        """Megatron's optimizer and the OptimizerStep that finalizes the gradients and steps it (the
+        strategy installs its finalize_gradients into Megatron's schedule). The LR schedule is
+        stepped by training_step and checkpointed by on_save_checkpoint, not by Lightning."""
         optimizer = build_optimizer(self.optimizer_config, list(self.chunks), self.config, self.triton_adamw)
-        count_replicated_rows_once(optimizer)
-        # Read by the strategy's gradient finalization, which then leaves the 1/tokens to the step.
-        self.fused_grad_scale = FusedGradScale(optimizer) if FusedGradScale.applies_to(optimizer) else None
-        adapter = MegatronOptimizerAdapter(optimizer, self.fused_grad_scale)
-        # The schedule sets the LR in the adapter's (i.e. Megatron's) param groups; Lightning wants
-        # it attached to the optimizer object it was given.
+        check_for_nan = all(getattr(chunk, "ddp_config", None) and chunk.ddp_config.check_for_nan_in_grad
+                            for chunk in self.chunks)
+        self.optimizer_step = OptimizerStep(optimizer, DeferredGradCheck(self.chunks) if check_for_nan else None)
+        adapter = MegatronOptimizerAdapter(self.optimizer_step)
         self.scheduler = build_scheduler(adapter, self.optimizer_config, self.lr_schedule, self.trainer.max_steps)
-        return {"optimizer": adapter,
-                "lr_scheduler": {"scheduler": self.scheduler, "interval": "step"}}
+        return adapter
 
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        # Lightning accepts a scheduler that is not torch's only with this hook defined; under manual
-        # optimization it never calls it: training_step steps Megatron's scheduler itself.
-        scheduler.step(1)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.scheduler is not None:
+            checkpoint["lr_scheduler"] = self.scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written before the schedule was the module's hold it in Lightning's list.
+        state = checkpoint.get("lr_scheduler") or (checkpoint.get("lr_schedulers") or [None])[0]
+        if state is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
 
     # ---------------------------------------------------------------- steps
 
@@ -203,22 +205,15 @@ class FalconH1Module(pl.LightningModule):
         lr = self.scheduler.get_lr(self.scheduler.optimizer.param_groups[0])
         self.log("reduced_train_loss", loss, prog_bar=True, batch_size=1)
         self.log("lr", lr, prog_bar=True, batch_size=1)
-        grad_norm = optimizer.optimizer.last_grad_norm  # the adapter behind Lightning's wrapper
-        if grad_norm is not None:
-            self.log("grad_norm", float(grad_norm), batch_size=1)
+        if self.optimizer_step.grad_norm is not None:
+            self.log("grad_norm", float(self.optimizer_step.grad_norm), batch_size=1)
         self.log("consumed_samples", float(self._consumed_samples_after_step()), batch_size=1)
         return loss
 
     def validation_step(self, dataloader_iter):
         self._evaluation_step(dataloader_iter)
 
-    def test_step(self, dataloader_iter):
-        self._evaluation_step(dataloader_iter)
-
     def on_validation_epoch_start(self) -> None:
-        self._eval_sums = []
-
-    def on_test_epoch_start(self) -> None:
         self._eval_sums = []
 
     def on_validation_epoch_end(self) -> None:
@@ -228,9 +223,6 @@ class FalconH1Module(pl.LightningModule):
             # Lightning drops metrics logged during the sanity check; that pass is the validation
             # before any update, so keep it in the logs as the step-0 (or resumed-step) value.
             self.logger.log_metrics({"val_loss": float(val_loss)}, step=self.trainer.global_step)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_evaluation("test_loss")
 
     def _evaluation_step(self, dataloader_iter) -> None:
         micro_batches = self._next_global_batch(dataloader_iter)

@@ -12,8 +12,8 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from falcon_h1.arguments import check_integer, check_learning_rates
+from falcon_h1.compat.megatron import keep_adam_step_on_state_load, use_foreach_grad_norm
 from falcon_h1.kernels.adamw import MultiTensorAdamW
-from falcon_h1.training.grad_norm import use_foreach_grad_norm
 
 DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
 WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
@@ -92,9 +92,10 @@ class LRSchedule:
         return ScheduleSteps(warmup, decay, wsd)
 
 
-# Falcon-H1's AdamW (falcon_h1_reference.md), the one place recipes and code take it from. The
-# schedule ends at lr / MIN_LR_DIVISOR unless the optimizer's min_lr is set.
-ADAMW = dict(optimizer="adam", adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+# Falcon-H1's AdamW for pretraining (falcon_h1_reference.md), the one place recipes and code take
+# it from (fine-tuning sets weight_decay=0.0). The schedule ends at lr / MIN_LR_DIVISOR unless the
+# optimizer's min_lr is set.
+ADAMW = dict(optimizer="adam", adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, weight_decay=0.1, clip_grad=1.0,
              use_distributed_optimizer=True)
 MIN_LR_DIVISOR = 8
 
@@ -103,7 +104,7 @@ def falcon_h1_optimizer_config(lr: float = 3e-4, **overrides) -> OptimizerConfig
     """Megatron's OptimizerConfig with Falcon-H1's AdamW settings (betas 0.9/0.95, clip 1.0, weight
     decay 0.1, the schedule ending at lr / 8 while min_lr is None). Precision fields (bf16,
     params_dtype) are filled in from the model config when the optimizer is built."""
-    settings = dict(ADAMW, lr=lr, weight_decay=0.1)
+    settings = dict(ADAMW, lr=lr)
     settings.update(overrides)
     return OptimizerConfig(**settings)
 
@@ -130,7 +131,8 @@ def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_confi
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
         _use_fused_adam(inner.optimizer)
         if isinstance(inner, DistributedOptimizer):
-            _keep_step_on_state_load(inner)
+            # checkpoints written by torch's foreach Adam restore it: make it fused again
+            keep_adam_step_on_state_load(inner, after_load=_use_fused_adam)
         copies = main_to_model_copies(inner)
         if copies is None:
             continue
@@ -211,7 +213,7 @@ def copy_main_params_in_one_launch(optimizer, copies: dict, adamw: "TritonAdamW 
 class TritonAdamW:
     """Steps a Megatron optimizer's torch AdamW with falcon_h1.kernels.adamw: one kernel per param
     group reads each main weight, gradient and moment once and writes the weight, the moments and
-    the bf16 model weight; the gradient is divided by the optimizer's `grad_scale` (grad_scale.py)
+    the bf16 model weight; the gradient is divided by the optimizer's `grad_scale` (step.py)
     as it is read and, unlike in torch's kernel, not written back. 30 bytes a parameter instead of
     torch's 32 and Megatron's copy's 6; the same arithmetic as torch's fused CUDA AdamW (see the
     kernel). Steps torch's way where the kernel does not apply at step time (a closure, or a
@@ -285,37 +287,6 @@ class TritonAdamW:
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state
-
-
-def _keep_step_on_state_load(optimizer: DistributedOptimizer) -> None:
-    """Two gaps of megatron-core 0.19's distributed-optimizer loading with torch's Adam (used
-    when Apex/TE fused Adam is absent, e.g. on CPU), where each parameter's state holds a `step`:
-    - the fully-reshardable loader expects `step` among each parameter's checkpoint tensors,
-      where it is not (it is stored once, in the param groups, and restored from there): supply
-      the current one so the loader copies the moments and main weights and leaves the step;
-    - the restored step is one tensor shared by all parameters, which torch's foreach Adam then
-      increments once per parameter: give every parameter its own copy.
-    """
-    set_states = optimizer._set_main_param_and_optimizer_states
-    load_state_dict = optimizer.load_state_dict
-
-    def set_states_keeping_step(model_param, tensors):
-        group_index, group_order = optimizer.model_param_group_index_map[model_param]
-        main_param = optimizer.optimizer.param_groups[group_index]["params"][group_order]
-        step = optimizer.optimizer.state[main_param].get("step")
-        if isinstance(step, torch.Tensor) and "step" not in tensors:
-            tensors = {**tensors, "step": step}
-        set_states(model_param, tensors)
-
-    def load_state_dict_with_own_steps(state_dict):
-        load_state_dict(state_dict)
-        for param, state in optimizer.optimizer.state.items():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].to(param.device).clone()
-        _use_fused_adam(optimizer.optimizer)  # checkpoints written by the foreach version restore it
-
-    optimizer._set_main_param_and_optimizer_states = set_states_keeping_step
-    optimizer.load_state_dict = load_state_dict_with_own_steps
 
 
 def build_scheduler(optimizer, optimizer_config: OptimizerConfig, schedule: LRSchedule,

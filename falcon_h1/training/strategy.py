@@ -6,7 +6,7 @@ group):
   that the world size holds the layout;
 - parallel sizes and precision written into the model config before the model is built;
 - Megatron DDP (fp32 gradient reduction, distributed optimizer buffers) around each model chunk,
-  and the gradient finalization Megatron's schedules call;
+  and the module's OptimizerStep installed as the gradient finalization Megatron's schedules call;
 - sharded `torch_dist` checkpoints in the model's canonical layout (so they load at any TP/PP),
   with the optimizer state, optionally written by a background process;
 - a CPU (gloo) debug mode.
@@ -16,27 +16,24 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
-import multiprocessing
-import multiprocessing.managers
-import queue
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 from lightning_fabric.utilities.imports import _IS_INTERACTIVE
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
 
-from falcon_h1 import cpu_compat
+from falcon_h1.compat import cpu
+from falcon_h1.compat.megatron import write_results_queue_without_spawn
 from falcon_h1.kernels import wgrad_fusion
 from falcon_h1.model.config import config_to_hf
-from falcon_h1.model.tensor_parallel import sync_replicated_grads, sync_replicated_params
+from falcon_h1.model.tensor_parallel import sync_replicated_params
 from falcon_h1.training import checkpoint_io, checksums
-from falcon_h1.training.grad_checks import DeferredGradCheck
 from falcon_h1.training.precision import MegatronMixedPrecision
 
 log = logging.getLogger(__name__)
@@ -93,7 +90,6 @@ class MegatronStrategy(DDPStrategy):
         self.seed = seed
         self._async_queue = None
         self._saving: Path | None = None  # the checkpoint being written
-        self._grad_check: DeferredGradCheck | None = None
 
     # ---------------------------------------------------------------- Lightning plumbing
 
@@ -169,10 +165,10 @@ class MegatronStrategy(DDPStrategy):
                 raise ValueError("cuda_graph_impl='local' (per-layer CUDA graphs) needs GPUs; this run is on CPU. "
                                  "Turn it off: model.config.cuda_graph_impl=none in a recipe, cuda_graphs=false "
                                  "in bench")
-            cpu_compat.enable()
+            cpu.enable()
         self._initialize_parallel_state()
         # Pipeline stages hold different layers: give each its own initialization stream.
-        cpu_compat.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank(),
+        cpu.model_parallel_manual_seed(self.seed + 100 * parallel_state.get_pipeline_model_parallel_rank(),
                                               use_cudagraphable_rng=cuda_graphs)
         trainer = self.lightning_module.trainer
         # Megatron-style sampling (by data-parallel rank, from consumed_samples) is the data
@@ -218,11 +214,8 @@ class MegatronStrategy(DDPStrategy):
             self.load_weights(self.restore_weights_from)
         self.model = module
         if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
-            if self._grad_check is not None and module.fused_grad_scale is not None:
-                # Its step takes the norm of all gradients anyway: that norm finds a NaN or Inf,
-                # and backward skips the bucket norms' pass over them (grad_checks.py).
-                self._grad_check.check_gradient_norm()
+            self.setup_optimizers(trainer)  # the module makes its OptimizerStep (training/step.py)
+            module.config.finalize_model_grads_func = module.optimizer_step.finalize_gradients
         self.setup_precision_plugin()
 
     def _check_data(self, trainer) -> None:
@@ -249,7 +242,7 @@ class MegatronStrategy(DDPStrategy):
                              f"{self.context_parallel_size}")
 
     def _wrap_model(self, module) -> None:
-        """bf16 (Float16Module) and Megatron DDP around each chunk; gradient hooks into the config."""
+        """bf16 (Float16Module) and Megatron DDP around each chunk; their gradient hooks into the config."""
         config = module.config
         on_gpu = self.root_device.type == "cuda"
         ddp_config = self.ddp_config or DistributedDataParallelConfig(
@@ -272,8 +265,6 @@ class MegatronStrategy(DDPStrategy):
         config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
         if ddp_config.overlap_grad_reduce:
             config.grad_sync_func = [c.start_grad_sync for c in chunks] if len(chunks) > 1 else chunks[0].start_grad_sync
-        self._grad_check = DeferredGradCheck(chunks) if ddp_config.check_for_nan_in_grad else None
-        config.finalize_model_grads_func = partial(_finalize_grads, module, self._grad_check)
 
     def model_to_device(self) -> None:
         pass  # chunks are built on their device and wrapped in setup
@@ -300,9 +291,9 @@ class MegatronStrategy(DDPStrategy):
         for chunk in module.chunks:
             if isinstance(chunk, DistributedDataParallel):
                 chunk.grad_accs.clear()
-        if self._grad_check is not None:
-            self._grad_check.remove()
-            self._grad_check = None
+        nan_check = module.optimizer_step.nan_check if module.optimizer_step is not None else None
+        if nan_check is not None:
+            nan_check.remove()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -344,7 +335,7 @@ class MegatronStrategy(DDPStrategy):
                                 base_checkpoint=str(Path(self.restore_weights_from).resolve()))
             checkpoint_io.write_context(path, config_to_hf(module.config), run_info, module.tokenizer_dir)
         self.barrier("checkpoint-dirs")
-        _write_results_queue_without_spawn(background=self.async_save)
+        write_results_queue_without_spawn(background=self.async_save)
         checksums.hash_shards_as_written()
         self._saving = path
         with self._stop_on_failed_save():
@@ -449,22 +440,6 @@ class MegatronStrategy(DDPStrategy):
             optimizer.megatron_optimizer.load_state_dict(state)
 
 
-def _write_results_queue_without_spawn(background: bool) -> None:
-    """Megatron's checkpoint writer reports back through a queue that it makes, on first use, with a
-    multiprocessing Manager in a *spawned* process, and a spawned process re-runs the user's
-    `__main__` script: a script without an `if __name__ == "__main__":` guard trained again inside
-    its own save (EADDRINUSE, EOFError, an unfinished checkpoint). A synchronous save writes in this
-    process and needs only a thread-safe queue; the background writer is a forked process, and a
-    Manager forked (not spawned) serves it without re-running anything."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if background:
-        if not isinstance(filesystem_async._results_queue, multiprocessing.managers.BaseProxy):
-            filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-    else:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def _allocate_optimizer_state(optimizer) -> None:
     """Give a fresh optimizer the state tensors a checkpoint loads into. Megatron's distributed
     optimizer describes its state from the torch optimizer's, which is empty (no moments, no
@@ -478,20 +453,3 @@ def _allocate_optimizer_state(optimizer) -> None:
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
                 torch_optimizer.state[param].setdefault("step", torch.tensor(0.0))
-
-
-def _finalize_grads(module, grad_check, model_chunks, num_tokens=None, **kwargs) -> None:
-    """Megatron's gradient finalization (DP reduction, SP norm grads, tied embeddings, per-token
-    scaling), then the sum over TP replicas of the mixer's replicated rows, then the NaN/Inf check
-    of the local gradients (grad_checks.py), before the optimizer step. With the fused Adam taking
-    the per-token scaling (grad_scale.py), only the token count is reduced here, and the NaN/Inf
-    check is made by its step, on its gradient norm."""
-    fused = module.fused_grad_scale is not None and num_tokens is not None
-    finalize_model_grads(model_chunks, None if fused else num_tokens, **kwargs)
-    group = parallel_state.get_tensor_model_parallel_group()
-    for chunk in module.unwrapped_chunks():
-        sync_replicated_grads(chunk, group)
-    if fused:
-        module.fused_grad_scale.record_tokens(num_tokens, grad_check)
-    elif grad_check is not None:
-        grad_check.verify()

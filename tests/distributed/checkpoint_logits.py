@@ -23,7 +23,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.training.checkpoint_io import checkpoint_model_config, load_model_weights
 
@@ -31,9 +31,9 @@ def main():
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
-    cpu_compat.enable()
+    cpu.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    cpu_compat.model_parallel_manual_seed(1)
+    cpu.model_parallel_manual_seed(1)
     config = checkpoint_model_config(args.checkpoint, tensor_model_parallel_size=tp, kernel_backend="torch")
     model = FalconH1Model(config).eval()
     load_model_weights([model], args.checkpoint)

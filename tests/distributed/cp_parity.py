@@ -33,14 +33,14 @@ def build(config_overrides, tp, cp, sequence_parallel, device, weights=None):
     """Initialise TP x CP parallel state and build the model (random weights, or `weights`)."""
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.model.config import FalconH1Config
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.specs import local_layer_spec
     from falcon_h1.parity import randomize_parameters
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    cpu_compat.model_parallel_manual_seed(1234)
+    cpu.model_parallel_manual_seed(1234)
     config = FalconH1Config(**{**BASE, **config_overrides}, tensor_model_parallel_size=tp,
                             context_parallel_size=cp, sequence_parallel=sequence_parallel,
                             use_cpu_initialization=True, kernel_backend="torch" if device == "cpu" else "auto")
@@ -108,9 +108,9 @@ def main():
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("gloo" if args.device == "cpu" else "nccl")
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
 
-    cpu_compat.enable()
+    cpu.enable()
     results = {}
     for name, case in json.loads(args.cases).items():
         per_rank = [None] * dist.get_world_size()

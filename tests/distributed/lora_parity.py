@@ -28,7 +28,7 @@ def main():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.model.lora import LoRA, apply_lora
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.parity import finish_tensor_parallel_grads
@@ -37,9 +37,9 @@ def main():
 
     dist.init_process_group("gloo")
     tp = dist.get_world_size()
-    cpu_compat.enable()
+    cpu.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    cpu_compat.model_parallel_manual_seed(1)
+    cpu.model_parallel_manual_seed(1)
     config = checkpoint_io.checkpoint_model_config(
         args.adapters, tensor_model_parallel_size=tp, sequence_parallel=args.sequence_parallel,
         use_cpu_initialization=True, kernel_backend="torch")

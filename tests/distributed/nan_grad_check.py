@@ -1,12 +1,12 @@
 """Two ranks (torchrun, gloo): which ranks stop when one rank's gradient holds a NaN or Inf, with the
-NaN/Inf check left to the optimizer step's gradient norm (grad_checks.py, check_gradient_norm).
+NaN/Inf check left to the optimizer step's gradient norm (training/step.py, check_gradient_norm).
 
     --tp 1: two data-parallel ranks, the distributed optimizer's reduce-scatter between them;
     --tp 2: two tensor-parallel ranks, one parameter split between them (`split`) and one
             replicated on both (`replicated`, like a norm weight), counted on TP rank 0 only.
 
 Each case poisons one element of one rank's gradient before the gradients are finalized, then
-steps FusedGradScale. Prints RESULTS: per case, per rank, the error (or None), whether backward
+steps OptimizerStep. Prints RESULTS: per case, per rank, the error (or None), whether backward
 took bucket norms, and whether the weights changed.
 """
 
@@ -44,9 +44,8 @@ def run_case(tp: int, poisoned_rank, name, value) -> dict:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.transformer import TransformerConfig
 
-    from falcon_h1.training.grad_checks import DeferredGradCheck
-    from falcon_h1.training.grad_scale import FusedGradScale
     from falcon_h1.training.optim import build_optimizer, falcon_h1_optimizer_config
+    from falcon_h1.training.step import DeferredGradCheck, OptimizerStep
 
     rank = dist.get_rank()
     config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=2, calculate_per_token_loss=True,
@@ -57,9 +56,8 @@ def run_case(tp: int, poisoned_rank, name, value) -> dict:
         use_distributed_optimizer=True, check_for_nan_in_grad=True, bucket_size=0), module)
     ddp.broadcast_params()
     check = DeferredGradCheck([ddp])
-    check.check_gradient_norm()
     optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
-    scaling = FusedGradScale(optimizer)
+    scaling = OptimizerStep(optimizer, check)  # leaves the check to the gradient norm
     before = [p.detach().clone() for p in module.parameters()]
     torch.manual_seed(1 + rank)  # each rank its own batch
     ddp.zero_grad_buffer()
@@ -68,7 +66,7 @@ def run_case(tp: int, poisoned_rank, name, value) -> dict:
         getattr(module, name).main_grad.view(-1)[0] = value
     finalize_model_grads([ddp], None)  # the data-parallel reduce-scatter
     bucket_norms_taken = bool(check.pending)
-    scaling.record_tokens(torch.tensor(3), check)
+    scaling.record_tokens(torch.tensor(3))
     try:
         scaling.step()
         error = None
@@ -86,11 +84,11 @@ def main():
     dist.init_process_group("gloo")
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
 
-    cpu_compat.enable()
+    cpu.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
-    cpu_compat.model_parallel_manual_seed(0)
+    cpu.model_parallel_manual_seed(0)
     results = {case: run_case(args.tp, rank, name, value) for case, rank, name, value in CASES[args.tp]}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)

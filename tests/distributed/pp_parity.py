@@ -25,16 +25,16 @@ def main():
     rank = dist.get_rank()
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.convert.mapping import canonical_to_local, hf_to_canonical
     from falcon_h1.model.config import config_from_hf
     from falcon_h1.model.model import FalconH1Model
     from falcon_h1.model.specs import local_layer_spec
     from falcon_h1.parity import make_hf_model, random_tokens, relative_error
 
-    cpu_compat.enable()
+    cpu.enable()
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
-    cpu_compat.model_parallel_manual_seed(1234)
+    cpu.model_parallel_manual_seed(1234)
     hf = make_hf_model(9, num_hidden_layers=4, **json.loads(args.config))
     config = config_from_hf(hf.config.to_dict(), pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
                             use_cpu_initialization=True, kernel_backend="torch")

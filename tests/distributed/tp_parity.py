@@ -65,13 +65,13 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     from megatron.core import parallel_state
 
-    from falcon_h1 import cpu_compat
+    from falcon_h1.compat import cpu
     from falcon_h1.convert.mapping import hf_to_canonical
     from falcon_h1.parity import build_from_hf, compare_with_hf, make_hf_model, random_tokens
 
-    cpu_compat.enable()
+    cpu.enable()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    cpu_compat.model_parallel_manual_seed(1234)
+    cpu.model_parallel_manual_seed(1234)
     hf = make_hf_model(7, **json.loads(args.config))
     model = build_from_hf(hf, tp_rank=rank, tp_size=world, sequence_parallel=args.sequence_parallel)
     tokens = random_tokens(hf.config, 2, args.seq_len, seed=3)

@@ -14,7 +14,12 @@ export TRITON_CACHE_DIR=/tmp/triton_cache TRITON_CACHE_AUTOTUNING=1
 # A carried .triton_cache/ (an earlier machine's compiled kernels and autotune choices, saved by
 # `save_triton_cache OUT`) spares the minutes that autotuning and compiling the Mamba kernels take
 # on a fresh machine.
-[ -d .triton_cache ] && mkdir -p /tmp/triton_cache && cp -rn .triton_cache/. /tmp/triton_cache/ 2>/dev/null
+# It may hold the saved archive itself (triton_autotune.tgz: smaller to carry than what it unpacks to).
+if [ -d .triton_cache ]; then
+  mkdir -p /tmp/triton_cache && cp -rn .triton_cache/. /tmp/triton_cache/ 2>/dev/null
+  [ -f /tmp/triton_cache/triton_autotune.tgz ] && tar xzf /tmp/triton_cache/triton_autotune.tgz -C /tmp/triton_cache \
+    && rm /tmp/triton_cache/triton_autotune.tgz
+fi
 save_triton_cache() {  # the compiled kernels too when they fit the carry limit, else the autotune choices
   (cd /tmp/triton_cache && tar czf "$1/triton_autotune.tgz" . && [ "$(stat -c %s "$1/triton_autotune.tgz")" -lt 15000000 ] \
     || find . -name "*.autotune.json" | tar czf "$1/triton_autotune.tgz" -T -) && ls -la "$1/triton_autotune.tgz"

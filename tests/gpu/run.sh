@@ -17,8 +17,8 @@
 # GPU_LAYER_TIMEOUT (both layer runs, 90). A phase at its limit gets ^C, and is killed 15 s later:
 # with the setup (~20-30 s) even a call where every phase runs out stays under 500 s.
 # $OUT keeps at most 8 files (what a device call brings back): the logs, gpu_tests.jsonl (each
-# test's outcome and seconds), summary.txt, triton_autotune.tgz (this machine's autotune choices:
-# unpack into .triton_cache/ to spare the next fresh machine Triton's autotuning) and results.tgz
+# test's outcome and seconds), summary.txt, triton_autotune.tgz (this machine's compiled kernels and autotune choices:
+# copy it into .triton_cache/ (env.sh unpacks it there) to spare the next fresh machine Triton's work) and results.tgz
 # (everything else the tests and benchmarks wrote: JSON results, training logs).
 set -uo pipefail
 START=$SECONDS

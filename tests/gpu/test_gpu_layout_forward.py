@@ -32,12 +32,13 @@ from contextlib import nullcontext
 warnings.filterwarnings("ignore")
 import torch, torch.distributed as dist
 from megatron.core import parallel_state
-from falcon_h1 import cpu_compat
+from falcon_h1.compat import cpu
+from falcon_h1.convert.hf_modeling import hf_falcon_h1
 from falcon_h1.convert.mapping import hf_to_local
 from falcon_h1.model.config import config_to_hf
 from falcon_h1.model.model import FalconH1Model
 from falcon_h1.model.presets import preset_config
-from falcon_h1.parity import hf_falcon_h1, randomize_parameters
+from falcon_h1.parity import randomize_parameters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 dist.init_process_group("nccl")
@@ -49,7 +50,7 @@ labels = torch.roll(tokens, -1, 1)
 
 def mean_losses(tp, cp):
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
-    cpu_compat.model_parallel_manual_seed(1)
+    cpu.model_parallel_manual_seed(1)
     chunk = slice(rank * 512 // cp, (rank + 1) * 512 // cp) if cp > 1 else slice(None)
     results = {}
     for backend in ("auto", "torch"):

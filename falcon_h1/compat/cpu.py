@@ -1,8 +1,9 @@
 """CPU (gloo) debug mode: the places where Megatron Core assumes CUDA, in one module.
 
 Users smoke-test recipes on a laptop and CI trains for real on CPU, so every Megatron code path
-the project uses must also run without a GPU. Each function here replaces one CUDA assumption
-and is a no-op when CUDA is available.
+the project uses must also run without a GPU. `enable` replaces each CUDA assumption for the life
+of the process (a model trained on the CPU is used after its run, by the same Megatron code);
+both functions do nothing of the sort when CUDA is available.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as megatron_random
 from torch.overrides import TorchFunctionMode
+
+from falcon_h1.compat import require_tested
 
 _enabled = False
 
@@ -57,6 +60,8 @@ def enable() -> None:
     global _enabled
     if torch.cuda.is_available() or _enabled:
         return
+    require_tested("torch", "CPU debug mode")
+    require_tested("megatron-core", "CPU debug mode")
     _enabled = True
     # Megatron allocates communication and scratch buffers on torch.cuda.current_device(); with
     # no CUDA device that call raises. A device string is accepted wherever those buffers are made.
@@ -112,6 +117,7 @@ def model_parallel_manual_seed(seed: int, use_cudagraphable_rng: bool = False) -
     if torch.cuda.is_available():
         megatron_random.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=use_cudagraphable_rng)
         return
+    require_tested("megatron-core", "CPU RNG tracker")
     tracker = CPURNGStatesTracker()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tracker.add(megatron_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)

@@ -2,14 +2,16 @@
 
 `mamba_ssm/__init__.py` imports CUDA extensions (selective_scan_cuda, and causal_conv1d's when
 that package is absent) which a pure-Python install (MAMBA_SKIP_CUDA_BUILD=TRUE) does not build.
-The Triton SSD and gated-norm modules need none of them, so when the package import fails we
-register an empty package object and import the submodules directly.
+The Triton SSD and gated-norm modules need none of them, so when the package import fails an
+empty package object is registered in its place and the submodules are imported directly.
 """
 
 import importlib
 import importlib.util
 import sys
 import types
+
+from falcon_h1.compat import require_tested
 
 
 def _import_submodule(name: str):
@@ -19,6 +21,7 @@ def _import_submodule(name: str):
         spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
         if spec is None:
             raise
+        require_tested("mamba-ssm", "mamba_ssm without its __init__")
         package = types.ModuleType("mamba_ssm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = package
