@@ -38,7 +38,7 @@ VALIDATION_BYTES = 0.04  # validation takes files until it holds this share of t
 MIN_VALIDATION_FILES = 30  # ...and at least this many files
 LARGE_FILE = 0.01  # files above this share of the corpus stay in training (one would dominate validation)
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_WORDS = re.compile(r"\w+|[^\w\s]")
+WORDS = re.compile(r"\w+|[^\w\s]")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def word_ngrams(texts: list[str], n: int = NGRAM) -> list[np.ndarray]:
     powers = np.array([pow(1_000_003, k, 2**64) for k in range(n)], dtype=np.uint64)
     out = []
     for text in texts:
-        ids = np.array([vocabulary.setdefault(w, len(vocabulary)) for w in _WORDS.findall(text)], dtype=np.uint64)
+        ids = np.array([vocabulary.setdefault(w, len(vocabulary)) for w in WORDS.findall(text)], dtype=np.uint64)
         if len(ids) < n:
             out.append(np.zeros(0, dtype=np.uint64))
             continue
