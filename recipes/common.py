@@ -129,6 +129,8 @@ def trainer_config(size: Size, dir: str) -> run.Config[pl.Trainer]:
 def sizes(size: Size) -> dict:
     return dict(seq_length=size.seq_length, micro_batch_size=size.micro_batch_size,
                 global_batch_size=size.global_batch_size)
+
+
 def _given(**kwargs) -> dict:
     return {name: value for name, value in kwargs.items() if value is not None}
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from falcon_h1.data.default_corpus import WORDS, NGRAM
+from falcon_h1.data.default_corpus import ngram_hashes
 from falcon_h1.data.preprocess import preprocess
 
 MAX_FILE_BYTES = 1_000_000
@@ -91,16 +91,10 @@ class MinHasher:
         self.multipliers = rng.integers(1, 2**63, permutations, dtype=np.uint64) | np.uint64(1)  # odd
         self.offsets = rng.integers(0, 2**63, permutations, dtype=np.uint64)
         self.vocabulary: dict[str, int] = {}
-        self.powers = np.array([pow(1_000_003, k, 2**64) for k in range(NGRAM)], dtype=np.uint64)
 
     def ngrams(self, text: str) -> np.ndarray:
         """The distinct word 8-grams of `text` (words and punctuation marks) as 64-bit hashes."""
-        ids = np.array([self.vocabulary.setdefault(w, len(self.vocabulary)) for w in WORDS.findall(text)],
-                       dtype=np.uint64)
-        if len(ids) < NGRAM:
-            return np.zeros(0, dtype=np.uint64)
-        windows = np.lib.stride_tricks.sliding_window_view(ids, NGRAM)
-        return np.unique((windows * self.powers).sum(axis=1))  # wraps modulo 2^64: a polynomial hash
+        return ngram_hashes(text, self.vocabulary)
 
     def signature(self, grams: np.ndarray) -> np.ndarray:
         """The minimum of each hash function over `grams`; all-max for an empty set (matches nothing)."""

@@ -77,16 +77,18 @@ def package_of(relative: str) -> str:
 def word_ngrams(texts: list[str], n: int = NGRAM) -> list[np.ndarray]:
     """The distinct word n-grams of each text (words and punctuation marks), as sorted 64-bit hashes."""
     vocabulary: dict[str, int] = {}
+    return [ngram_hashes(text, vocabulary, n) for text in texts]
+
+
+def ngram_hashes(text: str, vocabulary: dict[str, int], n: int = NGRAM) -> np.ndarray:
+    """The distinct word n-grams of `text` as sorted 64-bit hashes; words get ids from `vocabulary`
+    (extended as new words come), so texts hashed with one vocabulary hash an n-gram alike."""
     powers = np.array([pow(1_000_003, k, 2**64) for k in range(n)], dtype=np.uint64)
-    out = []
-    for text in texts:
-        ids = np.array([vocabulary.setdefault(w, len(vocabulary)) for w in WORDS.findall(text)], dtype=np.uint64)
-        if len(ids) < n:
-            out.append(np.zeros(0, dtype=np.uint64))
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(ids, n)
-        out.append(np.unique((windows * powers).sum(axis=1)))  # wraps modulo 2**64: a polynomial hash
-    return out
+    ids = np.array([vocabulary.setdefault(w, len(vocabulary)) for w in WORDS.findall(text)], dtype=np.uint64)
+    if len(ids) < n:
+        return np.zeros(0, dtype=np.uint64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, n)
+    return np.unique((windows * powers).sum(axis=1))  # wraps modulo 2**64: a polynomial hash
 
 
 def shared_ngrams(ngrams: list[np.ndarray]) -> np.ndarray:
