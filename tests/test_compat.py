@@ -182,3 +182,42 @@ except ImportError as error:
     if result is None:
         pytest.skip("this mamba_ssm was built with its CUDA extensions: the patch is not used here")
     assert result
+
+
+def test_still_needed_the_distributed_optimizer_saves_states_past_a_padded_bucket_at_wrong_offsets(single_rank):
+    """Four parameters of 99 elements in buckets of 150: each bucket's end is padded to 128. Megatron's
+    fully-reshardable save gives the parameters after the first bucket their neighbours' states;
+    the patched save (build_optimizer applies it) gives each its own."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.transformer import TransformerConfig
+
+    from falcon_h1.training.optim import build_optimizer, falcon_h1_optimizer_config
+
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1, calculate_per_token_loss=True)
+    module = torch.nn.Sequential(*[torch.nn.Linear(11, 9) for _ in range(4)])
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=150), module)
+    optimizer = build_optimizer(falcon_h1_optimizer_config(lr=1e-2), [ddp], config)
+    for param in module.parameters():
+        param.main_grad.normal_()
+    optimizer.step()
+    (inner,) = getattr(optimizer, "chained_optimizers", [optimizer])
+    assert len(inner.buffers[0].buckets) == 4
+    model_state = {name: ShardedTensor.from_rank_offsets(name, param) for name, param in ddp.module.named_parameters()}
+
+    def saved_main_weights_match(save) -> list[bool]:
+        state = save(model_state)
+        matches = []
+        for index, param in enumerate(inner.buffers[0].param_index_map):  # the save's order
+            group, order = inner.model_param_group_index_map[param]
+            main = inner.optimizer.param_groups[group]["params"][order]
+            matches.append(torch.equal(state[index]["param"].data.flatten(), main.flatten()))
+        return matches
+
+    unpatched = saved_main_weights_match(lambda state: DistributedOptimizer.sharded_param_state_fully_reshardable(
+        inner, state, metadata={}))
+    assert unpatched[:2] == [True, True] and not any(unpatched[2:])  # the first bucket's two are right
+    assert saved_main_weights_match(lambda state: inner.sharded_param_state_fully_reshardable(state, metadata={}))\
+        == [True] * 8

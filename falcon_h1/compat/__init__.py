@@ -14,6 +14,8 @@ outside this package assigns to a third-party module's attributes.
     megatron.use_wgrad_fusion(module)    Megatron's fused weight-gradient GEMM without Apex
     megatron.keep_adam_step_on_state_load(optimizer)
                                          the distributed optimizer's checkpoint load with torch's Adam
+    megatron.save_optimizer_state_at_unpadded_offsets(optimizer)
+                                         the distributed optimizer's checkpoint save past a padded bucket
     megatron.write_results_queue_without_spawn(background)
                                          checkpoint writes that never re-run the user's __main__
     megatron.open_checkpoint_shards_with(open_fn)

@@ -95,6 +95,37 @@ def keep_adam_step_on_state_load(optimizer, after_load) -> None:
     optimizer.load_state_dict = load_state_dict_with_own_steps
 
 
+def save_optimizer_state_at_unpadded_offsets(optimizer) -> None:
+    """megatron-core 0.19's fully-reshardable save of the distributed optimizer gathers each buffer's
+    state with the padding at the end of every bucket left out, then cuts each parameter's state at
+    its offset in the padded buffer: once a bucket's end was padded (more than one bucket, which DDP
+    makes on GPU past 40M parameters, and a parameter size that is not a multiple of 128, as the
+    Mamba heads' are), every later parameter is saved with its neighbours' values and the last one
+    runs off the end (Megatron's "param range exceeds unpadded buffer" warning). A resumed run loads
+    those values as its main weights and moments. Save with the offsets rebased to the gathered,
+    unpadded layout, as Megatron-LM does upstream (PR 5077): each bucket's parameters move back by
+    the padding of the buckets before it."""
+    require_tested("megatron-core", "distributed optimizer save at unpadded offsets")
+    save = optimizer.sharded_param_state_fully_reshardable
+
+    def save_at_unpadded_offsets(*args, **kwargs):
+        padded = [buffer.param_index_map for buffer in optimizer.buffers]
+        try:
+            for buffer in optimizer.buffers:
+                shift, unpadded_start = [], 0
+                for bucket in buffer.buckets:
+                    shift.append(bucket.offset - unpadded_start)
+                    unpadded_start += bucket.numel_unpadded
+                buffer.param_index_map = {param: (start - shift[bucket], end - shift[bucket], bucket)
+                                          for param, (start, end, bucket) in buffer.param_index_map.items()}
+            return save(*args, **kwargs)
+        finally:
+            for buffer, index_map in zip(optimizer.buffers, padded):
+                buffer.param_index_map = index_map
+
+    optimizer.sharded_param_state_fully_reshardable = save_at_unpadded_offsets
+
+
 def write_results_queue_without_spawn(background: bool) -> None:
     """Megatron's checkpoint writer reports back through a queue that it makes, on first use, with
     a multiprocessing Manager in a *spawned* process, and a spawned process re-runs the user's

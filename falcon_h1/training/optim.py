@@ -12,7 +12,11 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from falcon_h1.arguments import check_integer, check_learning_rates
-from falcon_h1.compat.megatron import keep_adam_step_on_state_load, use_foreach_grad_norm
+from falcon_h1.compat.megatron import (
+    keep_adam_step_on_state_load,
+    save_optimizer_state_at_unpadded_offsets,
+    use_foreach_grad_norm,
+)
 from falcon_h1.kernels.adamw import MultiTensorAdamW
 
 DECAY_STYLES = ("WSD", "cosine", "linear", "constant")
@@ -133,6 +137,7 @@ def build_optimizer(optimizer_config: OptimizerConfig, model_chunks, model_confi
         if isinstance(inner, DistributedOptimizer):
             # checkpoints written by torch's foreach Adam restore it: make it fused again
             keep_adam_step_on_state_load(inner, after_load=_use_fused_adam)
+            save_optimizer_state_at_unpadded_offsets(inner)
         copies = main_to_model_copies(inner)
         if copies is None:
             continue

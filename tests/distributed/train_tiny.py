@@ -57,6 +57,8 @@ def parse_args():
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     parser.add_argument("--kernel-backend", default="torch", choices=["torch", "auto", "gpu"])
     parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--grad-bucket-size", type=int,
+                        help="DDP gradient buckets of this many elements, overlapped as on GPU (default: one)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--data", help="dataset prefix (default: the bundled corpus)")
     parser.add_argument("--tokenizer")
@@ -168,9 +170,16 @@ def main():
     module = FalconH1Module(config, falcon_h1_optimizer_config(lr=args.lr),
                             LRSchedule(warmup_steps=2, decay_style="WSD", wsd_decay_fraction=0.5),
                             tokenizer_dir=tokenizer_dir)
+    ddp = None
+    if args.grad_bucket_size:
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+                                            use_distributed_optimizer=True, check_for_nan_in_grad=True,
+                                            bucket_size=args.grad_bucket_size)
     strategy = MegatronStrategy(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                                 virtual_pipeline_model_parallel_size=args.vpp, context_parallel_size=args.cp,
-                                sequence_parallel=args.sp, async_save=args.async_save)
+                                sequence_parallel=args.sp, async_save=args.async_save, ddp=ddp)
     trainer = build_trainer(args.log_dir, args.max_steps, strategy, precision=args.precision,
                             val_check_interval=args.max_steps, limit_val_batches=2, log_every_n_steps=100,
                             checkpoint_every_n_steps=args.checkpoint_every, keep_last_k=None,
