@@ -174,3 +174,31 @@ def test_mfu_with_an_explicit_peak(tmp_path, tiny_config):
 ])
 def test_peak_tflops_table(name, peak):
     assert peak_bf16_tflops(name) == peak
+
+
+def test_loss_csv_carries_tokens_and_training_time_across_a_resumption(tmp_path, tiny_config):
+    """Every point of loss.csv says how many tokens were trained and how many seconds the steps
+    after the clock's warm-up took to reach it; a resumed run continues that clock where the
+    checkpoint's step left it, so curves of a resumed run and of an uninterrupted one line up."""
+    directory = tmp_path / "plot"
+    first = fit(tmp_path, tiny_config, [ThroughputMonitor(warmup_steps=1), LossPlot(output_dir=directory)])
+    first.save_checkpoint(tmp_path / "step6.ckpt")
+    with open(directory / "loss.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(int(row["tokens"]) == int(row["step"]) * GLOBAL_BATCH * SEQ_LENGTH for row in rows)
+    seconds = {int(row["step"]): float(row["train_seconds"]) for row in rows if row["split"] == "train"}
+    assert seconds[1] == 0.0 and all(seconds[s] < seconds[s + 1] for s in range(1, 6))  # step 1: warm-up
+    validation = {int(row["step"]): float(row["train_seconds"]) for row in rows if row["split"] == "val"}
+    assert validation == {0: 0.0, 3: seconds[3], 6: seconds[6]}
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=9, val_check_interval=3, limit_val_batches=2,
+                         num_sanity_val_steps=0, log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, logger=False,
+                         callbacks=[ThroughputMonitor(warmup_steps=1), LossPlot(output_dir=directory)])
+    trainer.fit(StandInModule(tiny_config), datamodule=StandInData(), ckpt_path=tmp_path / "step6.ckpt")
+    with open(directory / "loss.csv") as handle:
+        resumed = {int(row["step"]): float(row["train_seconds"]) for row in csv.DictReader(handle)
+                   if row["split"] == "train"}
+    assert {s: resumed[s] for s in range(1, 7)} == pytest.approx(seconds, abs=1e-3)
+    assert resumed[7] == pytest.approx(seconds[6], abs=1e-3)  # step 7: this process's warm-up
+    assert resumed[7] < resumed[8] < resumed[9]

@@ -93,8 +93,10 @@ class ThroughputMonitor(pl.Callback):
     `memory/peak_allocated_gib` + `memory/peak_reserved_gib` on CUDA (peaks reset every
     `memory_interval` steps, default the trainer's log_every_n_steps) or `memory/max_rss_gib` on CPU.
 
-    The first `warmup_steps` steps (compilation, allocator growth) are logged but left out of
-    `average_metrics`, the mean over the last `window` steps.
+    The first `warmup_steps` steps (compilation, autotuning, CUDA-graph capture, allocator growth)
+    are logged but left out of `average_metrics`, the mean over the last `window` steps, and of
+    `train_seconds`, the time this process has spent in the steps after them (validation and
+    checkpoints not counted): the clock that runs of different models are compared on.
     """
 
     def __init__(self, warmup_steps: int = 2, peak_tflops: float | None = None, window: int = 20,
@@ -109,6 +111,7 @@ class ThroughputMonitor(pl.Callback):
         self.tokens_per_step: int | None = None
         self.world_size = 1
         self._steps_seen = 0
+        self.train_seconds = 0.0
         self._start: float | None = None
         self._on_cuda = False
 
@@ -149,6 +152,7 @@ class ThroughputMonitor(pl.Callback):
         self._steps_seen += 1
         if self._steps_seen > self.warmup_steps:
             self.step_times.append(step_time)
+            self.train_seconds += step_time
 
         metrics = self.metrics_for_step_time(step_time)
         metrics.update(self._memory_metrics(trainer, pl_module))
@@ -286,6 +290,8 @@ def _log_dir_without_collective(trainer: pl.Trainer) -> str:
 class LossPlot(pl.Callback):
     """Records (step, reduced_train_loss) every step and (step, val_loss) after every validation,
     the sanity check's at the starting step included; writes `loss.csv` and `loss.png` on rank 0.
+    Each point also gets the tokens trained to its step and the training time up to it
+    (ThroughputMonitor's `train_seconds`, continued across resumptions; empty without one).
 
     Output goes to `output_dir`, or the trainer's log directory. A `loss.csv` already there (a run
     being resumed) is read at fit start; this run's points replace earlier ones at the same step.
@@ -305,6 +311,9 @@ class LossPlot(pl.Callback):
         self.model_name = model_name
         self.train: dict[int, float] = {}
         self.validation: dict[int, float] = {}
+        self.seconds: dict[int, float] = {}  # step -> training seconds at its end
+        self._clock: ThroughputMonitor | None = None
+        self._seconds_before: float | None = None  # a resumed run's training time before this process
         self.plot_path: Path | None = None
         self.csv_path: Path | None = None
         self._tokens_per_step: int | None = None
@@ -324,12 +333,21 @@ class LossPlot(pl.Callback):
             # This process's points (none yet) win over a previous run's at the same step.
             self.train = {**earlier_train, **self.train}
             self.validation = {**earlier_validation, **self.validation}
+            self.seconds = {**read_loss_seconds(self.csv_path), **self.seconds}
+            self._clock = _find_callback(trainer, ThroughputMonitor)
+            if self._clock is not None:
+                self.seconds.setdefault(0, 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.is_global_zero:
             loss = _metric(trainer, "reduced_train_loss")
             if loss is not None:
                 self.train[trainer.global_step] = loss
+            if self._clock is not None:
+                if self._seconds_before is None:  # the first step of this process: where a resumed run was
+                    before = [step for step in self.seconds if step < trainer.global_step]
+                    self._seconds_before = self.seconds[max(before)] if before else 0.0
+                self.seconds[trainer.global_step] = self._seconds_before + self._clock.train_seconds
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -340,7 +358,7 @@ class LossPlot(pl.Callback):
             self._last_val_value = value
             self.record_validation(trainer.global_step, float(value))
         if not trainer.sanity_checking and self.csv_path is not None:
-            write_loss_csv(self.csv_path, self.train, self.validation)
+            self._write_csv()
 
     def record_validation(self, step: int, value: float) -> None:
         self.validation[step] = value
@@ -349,13 +367,16 @@ class LossPlot(pl.Callback):
         # The curve up to each checkpoint survives with it: a run that resumes there (a requeued
         # Slurm job, a crash) continues the curve instead of starting it at its first new step.
         if trainer.is_global_zero and self.csv_path is not None:
-            write_loss_csv(self.csv_path, self.train, self.validation)
+            self._write_csv()
 
     def on_train_end(self, trainer, pl_module):
         if not trainer.is_global_zero or self.csv_path is None:
             return
-        write_loss_csv(self.csv_path, self.train, self.validation)
+        self._write_csv()
         draw_loss_plot(self.plot_path, self.train, self.validation, self._title(), self.log_y)
+
+    def _write_csv(self) -> None:
+        write_loss_csv(self.csv_path, self.train, self.validation, self._tokens_per_step, self.seconds)
 
     def _title(self) -> str:
         last_step = max([*self.train, *self.validation], default=0)
@@ -377,17 +398,30 @@ def read_loss_csv(path: Path) -> tuple[dict[int, float], dict[int, float]]:
     return train, validation
 
 
-def write_loss_csv(path: Path, train: dict[int, float], validation: dict[int, float]) -> None:
-    """step,split,loss rows sorted by step; written to a temporary file then renamed, so a run
-    killed mid-write leaves the previous file."""
+def read_loss_seconds(path: Path) -> dict[int, float]:
+    """{step: training seconds at its end} of a loss.csv (none for steps written without a clock)."""
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        return {int(row["step"]): float(row["train_seconds"]) for row in csv.DictReader(handle)
+                if row.get("train_seconds")}
+
+
+def write_loss_csv(path: Path, train: dict[int, float], validation: dict[int, float],
+                   tokens_per_step: int | None = None, seconds: dict[int, float] | None = None) -> None:
+    """step,split,tokens,train_seconds,loss rows sorted by step (tokens and seconds empty where not
+    known); written to a temporary file then renamed, so a run killed mid-write leaves the previous
+    file."""
+    seconds = seconds or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".csv.tmp")
     with partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", "split", "loss"])
+        writer.writerow(["step", "split", "tokens", "train_seconds", "loss"])  # loss last, as it always was
         for split, points in (("train", train), ("val", validation)):
             for step in sorted(points):
-                writer.writerow([step, split, repr(points[step])])
+                writer.writerow([step, split, step * tokens_per_step if tokens_per_step else "",
+                                 f"{seconds[step]:.3f}" if step in seconds else "", repr(points[step])])
     partial.replace(path)
 
 
