@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import nemo_run as run
 import pytorch_lightning as pl
@@ -200,6 +201,31 @@ def pretrain_task(model: run.Config[pl.LightningModule], trainer: run.Config[pl.
     under the trainer's directory if there is one."""
     return run.Partial(pretrain, model=model, data=data, trainer=trainer,
                        resume=run.Config(AutoResume, resume_if_exists=True))
+
+
+def unfinished(tasks: dict[str, run.Partial], dir: str) -> dict[str, run.Partial]:
+    """The tasks of a series of runs (each writing to `dir`/NAME) without a result.json: a series
+    that was interrupted goes on where it stopped, and finished runs are not trained again."""
+    left = {}
+    for name, task in tasks.items():
+        if (Path(dir) / name / "result.json").exists():
+            print(f"{name}: finished before ({Path(dir) / name / 'result.json'} present), not run again")
+        else:
+            left[name] = task
+    return left
+
+
+def run_in_turn(name: str, tasks: dict[str, run.Partial], executor: run.Executor, dryrun: bool = False) -> None:
+    """Run the tasks one after the other as one run.Experiment called `name`."""
+    if not tasks:
+        return
+    with run.Experiment(name, executor=executor) as experiment:
+        for task_name, task in tasks.items():
+            experiment.add(task, name=task_name, tail_logs=False)
+        if dryrun:
+            experiment.dryrun()
+        else:
+            experiment.run(sequential=True, tail_logs=False)
 
 
 def sft_data(size: Size, train_path: str | None, tokenizer_dir: str | None = None,

@@ -4,8 +4,8 @@ Every run has 8 head slots of width 64 per layer, split between attention heads 
 (8:0, 6:2, 4:4, 2:6, 0:8); all else - layers, hidden size, MLP, data, steps, batch, LR - is equal,
 so the runs see the same tokens and differ in the mixer alone. At the end the experiment writes
 ratio_sweep.json, ratio_sweep.md (a table) and ratio_sweep.png (tokens/s per GPU against final
-validation loss) into its directory. In Python: `run_sweep(sweep_tasks(...), executor)`, then
-`summarize(dir)`.
+validation loss) into its directory. In Python: `common.run_in_turn("ratio_sweep", sweep_tasks(...),
+executor)`, then `summarize(dir)`.
 
     python -m recipes.ratio_sweep --dir runs/ratio_sweep --devices 1 --max-steps 300
     python -m recipes.ratio_sweep --help
@@ -61,17 +61,6 @@ def sweep_tasks(dir: str = "runs/ratio_sweep", devices: int = 1, max_steps: int 
     size = ratio_size(seq_length, global_batch_size, micro_batch_size, max_steps, lr, devices, corpus)
     data = common.default_data(size)
     return {f"attn{a}_mamba{m}": ratio_run(a, m, dir, size, num_layers, hidden_size, data) for a, m in ratios}
-
-
-def run_sweep(tasks: dict[str, run.Partial], executor: run.Executor, dryrun: bool = False) -> None:
-    """Run the tasks one after the other as one run.Experiment."""
-    with run.Experiment("ratio_sweep", executor=executor) as experiment:
-        for name, task in tasks.items():
-            experiment.add(task, name=name, tail_logs=False)
-        if dryrun:
-            experiment.dryrun()
-        else:
-            experiment.run(sequential=True, tail_logs=False)
 
 
 def summarize(dir: str, ratios=RATIOS) -> dict:
@@ -139,13 +128,8 @@ def main(argv=None) -> int:
         tasks = sweep_tasks(args.dir, args.devices, args.max_steps, args.seq_length, args.global_batch_size,
                             args.micro_batch_size, args.lr, args.num_layers, args.hidden_size, ratios,
                             corpus=not args.mock_data)
-        # A sweep that was interrupted goes on where it stopped: finished ratios are not trained again.
-        finished = [name for name in tasks if (Path(args.dir) / name / "result.json").exists()]
-        for name in finished:
-            print(f"{name}: finished before (result.json present), not run again")
-            del tasks[name]
-        if tasks:
-            run_sweep(tasks, run.LocalExecutor(ntasks_per_node=args.devices, launcher="torchrun"))
+        common.run_in_turn("ratio_sweep", common.unfinished(tasks, args.dir),
+                           run.LocalExecutor(ntasks_per_node=args.devices, launcher="torchrun"))
     summary = summarize(args.dir, ratios)
     print((Path(args.dir) / "ratio_sweep.md").read_text())
     print(f"plot: {summary['plot']}")

@@ -19,7 +19,7 @@ import recipes
 from falcon_h1.model.param_count import parameter_count
 from falcon_h1.run_context import check_task_arguments
 from falcon_h1.model.presets import NOMINAL_SIZES, preset_config
-from recipes import attention_baseline, long_context, ratio_sweep, tiny
+from recipes import attention_baseline, convergence, long_context, ratio_sweep, tiny
 from tests.conftest import REPO, falcon_h1_cli
 
 def built_config(recipe):
@@ -137,6 +137,8 @@ def every_recipe():
         yield f"{name} long_context", lambda name=name: long_context.pretrain_recipe(size=name, checkpoint="ckpts/x")
     for name in ratio_sweep.sweep_tasks(corpus=False):
         yield f"ratio_sweep {name}", lambda name=name: ratio_sweep.sweep_tasks(corpus=False)[name]
+    for variant in convergence.VARIANTS:
+        yield f"convergence {variant}", lambda variant=variant: convergence.pretrain_recipe(variant, cuda_graphs=False)
 
 
 def test_every_recipe_scales_its_schedule_to_the_run():
@@ -148,7 +150,7 @@ def test_every_recipe_scales_its_schedule_to_the_run():
     from falcon_h1.training.optim import resolved_min_lr
 
     warmups = {"tiny pretrain": 30, "falcon_h1_1p5b pretrain": 500, "falcon_h1_7b finetune": 50,
-               "falcon_h1_7b long_context": 50, "ratio_sweep attn4_mamba4": 30}
+               "falcon_h1_7b long_context": 50, "ratio_sweep attn4_mamba4": 30, "convergence hybrid": 25}
     for name, recipe in every_recipe():
         default = recipe()
         schedule = fdl.build(default.model.lr_schedule)

@@ -210,6 +210,23 @@ def build_code_corpus(root: str | os.PathLike, output: str | os.PathLike, vocab_
     return manifest
 
 
+def code_corpus_data(corpus: str, seq_length: int, micro_batch_size: int, global_batch_size: int,
+                     seed: int = 1234):
+    """A PreTrainingDataModule over a code corpus made by `build_code_corpus` (its directory):
+    train, validation and test as its three datasets, with its tokenizer."""
+    from falcon_h1.data.pretraining import PreTrainingDataModule
+
+    manifest = Path(corpus) / "corpus.json"
+    if not manifest.is_file():
+        raise ValueError(f"corpus={corpus}: no corpus.json there; make the corpus first with "
+                         f"`python -m falcon_h1.data.code_corpus --root SITE_PACKAGES --output {corpus}`")
+    paths = {part: str(Path(corpus) / part) for part in ("train", "validation", "test")}
+    # The tokenizer beside the datasets (preprocess names it after the training prefix), wherever
+    # the corpus was moved after it was made.
+    return PreTrainingDataModule(paths, str(Path(corpus) / "train_tokenizer"), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                                 global_batch_size=global_batch_size, seed=seed)
+
+
 def summary(manifest: dict) -> str:
     """What a user reads at the end: files, bytes and tokens of each split, and what was dropped."""
     lines = [f"code corpus from {manifest['root']} in {manifest['seconds']:.0f} s:"]

@@ -102,21 +102,41 @@ def preset_fields(name: str, **overrides) -> dict:
     return {**_SHARED, **PRESETS[name], **overrides}
 
 
-def attention_only_fields(preset: str, width_multiple: int = 128) -> dict:
-    """FalconH1Config fields of a pure-attention model with `preset`'s parameter count: all
-    hidden_size / head_dim heads are attention heads (GQA groups as the preset's), no Mamba heads,
-    and the MLP widened in steps of `width_multiple` while the count stays within the preset's.
-    The comparisons' baseline (recipes/attention_baseline.py, the bench's GPT row)."""
-    hybrid = preset_config(preset)
-    target = parameter_count(hybrid)["total"]
+def attention_only_fields(preset: str, width_multiple: int = 128, **overrides) -> dict:
+    """FalconH1Config fields of a pure-attention model with `preset`'s parameter count (`overrides`
+    applied to both): all hidden_size / head_dim heads are attention heads (GQA groups as the
+    preset's), no Mamba heads, and the MLP widened to match (`matched_mlp_fields`). The comparisons'
+    baseline (recipes/attention_baseline.py, recipes/convergence.py, the bench's GPT row)."""
+    hybrid = preset_config(preset, **overrides)
     heads = hybrid.hidden_size // hybrid.kv_channels
     groups = hybrid.num_query_groups if heads % hybrid.num_query_groups == 0 else 1
+    return matched_mlp_fields(preset, width_multiple, **overrides, mamba_num_heads=0, num_attention_heads=heads,
+                              num_query_groups=groups)
 
-    def fields(ffn: int) -> dict:
-        return preset_fields(preset, mamba_num_heads=0, num_attention_heads=heads, num_query_groups=groups,
-                             ffn_hidden_size=ffn)
 
-    ffn = hybrid.ffn_hidden_size
-    while parameter_count(FalconH1Config(**fields(ffn + width_multiple)))["total"] <= target:
-        ffn += width_multiple
-    return fields(ffn)
+def mamba_only_fields(preset: str, width_multiple: int = 128, **overrides) -> dict:
+    """FalconH1Config fields of a Mamba-2-only model with `preset`'s parameter count (`overrides`
+    applied to both): no attention heads, 2 x hidden_size / mamba_head_dim Mamba heads (Mamba-2's
+    expansion of 2; state, groups and head width as the preset's), and the MLP narrowed to match
+    (`matched_mlp_fields`)."""
+    hybrid = preset_config(preset, **overrides)
+    return matched_mlp_fields(preset, width_multiple, **overrides, num_attention_heads=0,
+                              mamba_num_heads=2 * hybrid.hidden_size // hybrid.mamba_head_dim)
+
+
+def matched_mlp_fields(preset: str, width_multiple: int = 128, **fields) -> dict:
+    """`preset`'s fields with `fields` changed and the MLP width set to the largest multiple of
+    `width_multiple` whose parameter count stays within that of `preset` with the non-mixer
+    `fields` only (num_layers, vocab_size, ...): a model of another mixer at the same size."""
+    mixer = {"num_attention_heads", "num_query_groups", "kv_channels", "mamba_num_heads", "mamba_head_dim",
+             "mamba_state_dim", "mamba_num_groups"}
+    target = parameter_count(preset_config(preset, **{k: v for k, v in fields.items() if k not in mixer}))["total"]
+
+    def count(ffn: int) -> int:
+        return parameter_count(FalconH1Config(**preset_fields(preset, **fields, ffn_hidden_size=ffn)))["total"]
+
+    per_step = count(2 * width_multiple) - count(width_multiple)  # the count is linear in the MLP width
+    steps = (target - count(width_multiple)) // per_step
+    if steps < 0:
+        raise ValueError(f"{preset} with {fields}: the mixer alone is larger than {preset}; no MLP width matches")
+    return preset_fields(preset, **fields, ffn_hidden_size=width_multiple * (1 + steps))
