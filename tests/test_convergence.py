@@ -14,7 +14,7 @@ import pytest
 from falcon_h1.model.config import FalconH1Config
 from falcon_h1.model.param_count import parameter_count
 from recipes import convergence
-from tests.conftest import REPO
+from tests.conftest import REPO, falcon_h1_cli
 
 STDLIB_PACKAGES = ("json", "email", "http", "logging", "urllib", "xml", "importlib", "concurrent", "sqlite3",
                    "unittest", "asyncio", "tomllib", "zoneinfo", "wsgiref", "xmlrpc")
@@ -28,6 +28,14 @@ def test_the_three_models_have_the_same_size_and_differ_in_the_mixer():
     heads = {variant: (c.num_attention_heads, c.mamba_num_heads) for variant, c in configs.items()}
     assert heads == {"hybrid": (8, 24), "attention": (16, 0), "mamba": (0, 32)}
     assert {c.num_layers for c in configs.values()} == {18} and {c.hidden_size for c in configs.values()} == {1024}
+
+
+def test_one_variant_is_a_factory_of_the_command_line(tmp_path):
+    done = falcon_h1_cli("pretrain", "--factory", "convergence(variant=mamba,corpus=data/site_packages)",
+                         "trainer.max_steps=5", "--dryrun", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mamba_num_heads=32" in done.stdout and "num_attention_heads=0" in done.stdout
+    assert "corpus='data/site_packages'" in done.stdout and "max_steps=5" in done.stdout
 
 
 def test_loss_at_equal_time_interpolates_between_validations():
