@@ -11,6 +11,7 @@ runs: a recipe for a 34B model costs nothing to make, print, edit or serialize. 
 """
 
 import dataclasses
+import json
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -201,6 +202,15 @@ def pretrain_task(model: run.Config[pl.LightningModule], trainer: run.Config[pl.
     under the trainer's directory if there is one."""
     return run.Partial(pretrain, model=model, data=data, trainer=trainer,
                        resume=run.Config(AutoResume, resume_if_exists=True))
+
+
+def run_result(run_dir: Path, label: str) -> dict:
+    """The result.json of a finished run in `run_dir` (one of a series run by `run_in_turn`)."""
+    path = run_dir / "result.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the {label} run did not finish (see its log under the "
+                                "experiment's directory in NEMORUN_HOME)")
+    return json.loads(path.read_text())
 
 
 def unfinished(tasks: dict[str, run.Partial], dir: str) -> dict[str, run.Partial]:

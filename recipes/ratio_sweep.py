@@ -72,11 +72,8 @@ def summarize(dir: str, ratios=RATIOS) -> dict:
 
     rows = []
     for attention_heads, mamba_heads in ratios:
-        path = Path(dir) / f"attn{attention_heads}_mamba{mamba_heads}" / "result.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the {attention_heads}:{mamba_heads} run did not finish "
-                                    "(see its log under the experiment's directory in NEMORUN_HOME)")
-        result = json.loads(path.read_text())
+        result = common.run_result(Path(dir) / f"attn{attention_heads}_mamba{mamba_heads}",
+                                   f"{attention_heads}:{mamba_heads}")
         throughput = result.get("throughput") or {}
         rows.append({"ratio": f"{attention_heads}:{mamba_heads}", "steps": result["global_step"],
                      "val_loss": result["val_loss"], "train_loss": result["train_loss"],

@@ -216,15 +216,22 @@ def code_corpus_data(corpus: str, seq_length: int, micro_batch_size: int, global
     train, validation and test as its three datasets, with its tokenizer."""
     from falcon_h1.data.pretraining import PreTrainingDataModule
 
-    manifest = Path(corpus) / "corpus.json"
-    if not manifest.is_file():
-        raise ValueError(f"corpus={corpus}: no corpus.json there; make the corpus first with "
-                         f"`python -m falcon_h1.data.code_corpus --root SITE_PACKAGES --output {corpus}`")
+    problem = missing_corpus(corpus)
+    if problem:
+        raise ValueError(f"corpus={corpus}: {problem}")
     paths = {part: str(Path(corpus) / part) for part in ("train", "validation", "test")}
     # The tokenizer beside the datasets (preprocess names it after the training prefix), wherever
     # the corpus was moved after it was made.
-    return PreTrainingDataModule(paths, str(Path(corpus) / "train_tokenizer"), seq_length=seq_length, micro_batch_size=micro_batch_size,
-                                 global_batch_size=global_batch_size, seed=seed)
+    return PreTrainingDataModule(paths, str(Path(corpus) / "train_tokenizer"), seq_length=seq_length,
+                                 micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, seed=seed)
+
+
+def missing_corpus(corpus: str) -> str | None:
+    """What is wrong with `corpus` as a code corpus directory, with the command that makes one (None: nothing)."""
+    if (Path(corpus) / "corpus.json").is_file():
+        return None
+    return ("no corpus.json there; make it first with "
+            f"`python -m falcon_h1.data.code_corpus --root SITE_PACKAGES --output {corpus}`")
 
 
 def summary(manifest: dict) -> str:

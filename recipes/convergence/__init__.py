@@ -66,7 +66,6 @@ def pretrain_recipe(variant: str = "hybrid", corpus: str = "data/site_packages",
     per-layer CUDA graphs when the machine making the recipe has a GPU."""
     size = dataclasses.replace(SIZE, max_steps=max_steps, seq_length=seq_length, global_batch_size=global_batch_size,
                                micro_batch_size=micro_batch_size, num_gpus_per_node=num_gpus_per_node,
-                               val_check_interval=min(SIZE.val_check_interval, max_steps),
                                checkpoint_every_n_steps=max_steps)
     graphs = torch.cuda.is_available() if cuda_graphs is None else cuda_graphs
     config = run.Config(FalconH1Config, **variant_fields(variant, num_layers,
@@ -80,17 +79,13 @@ def pretrain_recipe(variant: str = "hybrid", corpus: str = "data/site_packages",
 
 def read_run(dir: Path) -> dict:
     """One finished run: its result.json and its loss.csv as (step, tokens, train_seconds, loss) points."""
-    result_path, csv_path = dir / "result.json", dir / "loss.csv"
-    for path in (result_path, csv_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: the {dir.name} run did not finish (see its log under "
-                                    "the experiment's directory in NEMORUN_HOME)")
+    result = common.run_result(dir, dir.name)  # written after loss.csv: both are there
     points = {"train": [], "val": []}
-    with csv_path.open(newline="") as handle:
+    with (dir / "loss.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
             points[row["split"]].append((int(row["step"]), int(row["tokens"] or 0),
                                          float(row["train_seconds"] or "nan"), float(row["loss"])))
-    return {"result": json.loads(result_path.read_text()), "train": sorted(points["train"]),
+    return {"result": result, "train": sorted(points["train"]),
             "val": sorted(points["val"])}
 
 

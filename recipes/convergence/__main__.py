@@ -3,9 +3,10 @@ and plot (recipes/convergence/__init__.py says what is compared)."""
 
 import argparse
 import sys
-from pathlib import Path
 
 import nemo_run as run
+
+from falcon_h1.data.code_corpus import missing_corpus
 
 from recipes import common, convergence
 from recipes.convergence import NAME, NUM_LAYERS, SIZE, VARIANTS, pretrain_recipe, summarize
@@ -27,9 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--summarize-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args(argv)
     if not args.summarize_only:
-        if not (Path(args.corpus) / "corpus.json").is_file():
-            print(f"error: --corpus {args.corpus}: no corpus.json there; make it first with `python -m "
-                  f"falcon_h1.data.code_corpus --root SITE_PACKAGES --output {args.corpus}`", file=sys.stderr)
+        problem = missing_corpus(args.corpus)
+        if problem:  # before nemo-run starts anything
+            print(f"error: --corpus {args.corpus}: {problem}", file=sys.stderr)
             return 2
         use_this_pythons_torchrun()
         tasks = {variant: pretrain_recipe(variant, args.corpus, f"{args.dir}/{variant}", args.max_steps,
